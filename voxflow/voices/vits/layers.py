@@ -1,0 +1,29 @@
+"""Small building blocks shared by the VITS sub-networks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a [batch, channels, time] tensor.
+
+    VITS keeps activations channel-first for its convolutions, so the norm has to move the
+    channel axis last and back. Parameter names (gamma, beta) follow the voice files.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.transpose(1, -1), (x.shape[1],), self.gamma, self.beta, self.eps)
+        return x.transpose(1, -1)
+
+
+def same_padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
