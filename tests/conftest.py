@@ -1,0 +1,24 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from voxflow.config import EngineConfig
+from voxflow.streaming.engine import Engine
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """One engine for the whole run: loading the voice costs seconds, so it is shared.
+
+    The engine keeps no event loop of its own (streams bind to the loop running when they
+    are opened), so tests on different loops can share it.
+    """
+    eng = Engine(EngineConfig())
+    try:
+        yield eng
+    finally:
+        eng.close()

@@ -1,0 +1,248 @@
+"""The `voxflow` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import AsyncIterator
+
+from .config import EngineConfig, load_config
+from .errors import VoxflowError
+from .streaming.events import AudioFrame, StreamEnd, WordTimestamp
+from .voices.styles import PRESETS, resolve_style
+
+
+def _process_age_seconds() -> float:
+    """Seconds since this process was created (covers interpreter start and imports)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--config", help="TOML file with an [engine] table")
+    g.add_argument("--voice", help="voice name (see `voxflow voices`)")
+    g.add_argument("--voice-dir", action="append", dest="voice_dirs", help="directory of extra Piper voices")
+    g.add_argument("--device", help="cpu (default) or cuda")
+    g.add_argument("--half", action="store_true", default=None, help="float16 weights (GPU only)")
+    g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    g.add_argument("--seed", type=int, help="noise seed (default 0)")
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    return load_config(
+        args.config, voice=args.voice, voice_dirs=args.voice_dirs, device=args.device,
+        half=args.half, threads=args.threads, seed=args.seed,
+    )
+
+
+def _write_wav(path: str, pcm: bytes, rate: int) -> None:
+    with wave.open(path, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm)
+
+
+def _style(args: argparse.Namespace):
+    return resolve_style(args.style, speed=args.speed, expressiveness=args.expressiveness, volume=args.volume)
+
+
+async def _stdin_fragments() -> AsyncIterator[str]:
+    """Text from stdin as it arrives (a pipe from an LLM), decoded incrementally as UTF-8."""
+    import codecs
+
+    loop = asyncio.get_running_loop()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = sys.stdin.fileno()
+    while data := await loop.run_in_executor(None, os.read, fd, 4096):
+        if text := decoder.decode(data):
+            yield text
+    if tail := decoder.decode(b"", final=True):
+        yield tail
+
+
+async def _say_streaming(args: argparse.Namespace, engine, fragments: AsyncIterator[str], to_stdout: bool) -> dict:
+    from .streaming.stream import StreamOptions
+
+    stream = engine.open_stream(
+        style=_style(args), speaker=args.speaker,
+        options=StreamOptions(sample_rate=args.rate, max_text_chars=engine.config.max_text_chars),
+    )
+    started = time.perf_counter()
+
+    async def feed() -> None:
+        async for fragment in fragments:
+            await stream.push(fragment)
+        await stream.end()
+
+    feeder = asyncio.create_task(feed())
+    pcm = bytearray()
+    words: list[WordTimestamp] = []
+    rate = 0
+    end: StreamEnd | None = None
+    try:
+        async for event in stream:
+            if isinstance(event, AudioFrame):
+                rate = event.sample_rate
+                if to_stdout:
+                    sys.stdout.buffer.write(event.pcm)
+                    sys.stdout.buffer.flush()
+                else:
+                    pcm += event.pcm
+            elif isinstance(event, WordTimestamp):
+                words.append(event)
+            else:
+                end = event
+        await feeder
+    finally:
+        feeder.cancel()
+        await stream.aclose()
+    if end is None or end.reason != "done":
+        raise VoxflowError(end.message if end else "stream ended unexpectedly", code=end.code if end else "internal_error")
+    m = stream.metrics
+    audio_seconds = m.audio_seconds
+    if args.output and not to_stdout:
+        _write_wav(args.output, bytes(pcm), rate)
+    return {
+        "mode": "stream",
+        "first_audio_ms": round((m.first_audio - m.first_text) * 1000, 1) if m.first_audio and m.first_text else None,
+        "chunk_to_first_audio_ms": round((m.first_audio - m.first_chunk) * 1000, 1) if m.first_audio and m.first_chunk else None,
+        "process_to_first_audio_s": round(_process_age_seconds() - (time.perf_counter() - m.first_audio), 3) if m.first_audio else None,
+        "audio_seconds": round(audio_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "rtf": round(m.compute_seconds / audio_seconds, 4) if audio_seconds else None,
+        "chunks": m.chunks,
+        "words": len(words),
+        "sample_rate": rate,
+        "output": None if to_stdout else args.output,
+    }
+
+
+def _say_whole(args: argparse.Namespace, engine, text: str) -> dict:
+    import numpy as np
+    import soxr
+
+    started = time.perf_counter()
+    utt = engine.synthesize(text, style=_style(args), speaker=args.speaker)
+    compute = time.perf_counter() - started
+    audio, rate = utt.audio, utt.sample_rate
+    if args.rate and args.rate != rate:
+        audio, rate = soxr.resample(audio, rate, args.rate), args.rate
+    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes()
+    if args.output:
+        _write_wav(args.output, pcm, rate)
+    return {
+        "mode": "whole",
+        "audio_seconds": round(utt.duration, 3),
+        "wall_seconds": round(compute, 3),
+        "rtf": round(compute / utt.duration, 4) if utt.duration else None,
+        "process_to_audio_s": round(_process_age_seconds(), 3),
+        "words": len(utt.words),
+        "sample_rate": rate,
+        "output": args.output,
+    }
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    from .streaming.engine import Engine
+    from .streaming.tokens import gpt_like_tokens, paced
+
+    from_stdin = args.text == "-"
+    if args.file:
+        text = Path(args.file).read_text(encoding="utf-8")
+    elif not from_stdin:
+        if args.text is None:
+            raise VoxflowError("give TEXT, '-' for stdin, or --file", code="invalid_request")
+        text = args.text
+    if not from_stdin and not args.output:
+        raise VoxflowError("-o/--output is required unless reading from stdin", code="invalid_request")
+
+    engine = Engine(_config(args))
+    try:
+        if from_stdin:
+            figures = asyncio.run(_say_streaming(args, engine, _stdin_fragments(), to_stdout=True))
+        elif args.stream:
+            figures = asyncio.run(_say_streaming(args, engine, paced(gpt_like_tokens(text), args.tps), to_stdout=False))
+        else:
+            figures = _say_whole(args, engine, text)
+    finally:
+        engine.close()
+    out = sys.stderr if from_stdin else sys.stdout
+    if args.json:
+        print(json.dumps(figures), file=out)
+    else:
+        for key, value in figures.items():
+            if value is not None:
+                print(f"{key:>26}: {value}", file=out)
+    return 0
+
+
+def cmd_voices(args: argparse.Namespace) -> int:
+    from .voices.registry import VoiceRegistry
+
+    infos = VoiceRegistry(_config(args).voice_dirs).infos()
+    rows = [
+        {"name": i.name, "language": i.language, "sample_rate": i.sample_rate, "quality": i.quality,
+         "speakers": len(i.speakers) or 1, "espeak_voice": i.espeak_voice}
+        for i in infos
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'name':<28} {'language':<9} {'rate':>6} {'quality':<8} speakers")
+        for r in rows:
+            print(f"{r['name']:<28} {r['language']:<9} {r['sample_rate']:>6} {r['quality']:<8} {r['speakers']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxflow", description="Streaming neural text-to-speech.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    say = sub.add_parser("say", help="speak text into a WAV file, or stdin tokens to raw PCM on stdout")
+    say.add_argument("text", nargs="?", help="text to speak, or '-' to stream tokens from stdin to PCM on stdout")
+    say.add_argument("-f", "--file", help="read the text from a file")
+    say.add_argument("-o", "--output", help="WAV file to write")
+    say.add_argument("--stream", action="store_true", help="feed the text as LLM-like tokens through the streaming path")
+    say.add_argument("--tps", type=float, default=50.0, help="tokens per second for --stream (default 50)")
+    say.add_argument("--rate", type=int, help="output sample rate (default: the voice's)")
+    say.add_argument("--style", choices=sorted(PRESETS), help="style preset (default neutral)")
+    say.add_argument("--speed", type=float)
+    say.add_argument("--expressiveness", type=float)
+    say.add_argument("--volume", type=float)
+    say.add_argument("--speaker", help="speaker name or index (multi-speaker voices)")
+    say.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    _engine_args(say)
+    say.set_defaults(func=cmd_say)
+
+    voices = sub.add_parser("voices", help="list voices")
+    voices.add_argument("--json", action="store_true")
+    _engine_args(voices)
+    voices.set_defaults(func=cmd_voices)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VoxflowError as exc:
+        print(f"voxflow: error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

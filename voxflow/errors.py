@@ -1,0 +1,39 @@
+"""Typed errors shared by every interface. Each carries a short machine-readable code that
+transports turn into their own error shape (an error event, an HTTP status, an MQTT message)."""
+
+from __future__ import annotations
+
+
+class VoxflowError(Exception):
+    code = "voxflow_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidRequest(VoxflowError):
+    """The caller asked for something malformed or out of range."""
+
+    code = "invalid_request"
+
+
+class UnknownVoice(VoxflowError):
+    code = "unknown_voice"
+
+
+class LimitExceeded(VoxflowError):
+    """A documented limit (text size, queue, contexts) was hit."""
+
+    code = "limit_exceeded"
+
+
+class StreamClosed(VoxflowError):
+    """Text was pushed to a stream that has ended or was cancelled."""
+
+    code = "stream_closed"

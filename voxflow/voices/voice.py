@@ -1,0 +1,108 @@
+"""A loaded voice: the torch model, its phonemizer and the facts from its JSON config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidRequest
+from .phonemizer import EspeakPhonemizer
+from .piper_onnx import VoiceFileError, load_piper_onnx
+from .vits import Scales, VitsSynthesizer
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    name: str
+    language: str
+    sample_rate: int
+    quality: str
+    espeak_voice: str
+    speakers: tuple[str, ...]
+    model_path: Path
+    config_path: Path
+    defaults: Scales = field(default_factory=Scales)
+    phoneme_id_map: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    speaker_ids: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def read(cls, model_path: Path, config_path: Path | None = None, name: str | None = None) -> "VoiceInfo":
+        config_path = config_path or model_path.with_name(model_path.name + ".json")
+        try:
+            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise VoiceFileError(f"cannot read voice config {config_path}: {exc}") from exc
+        phoneme_type = cfg.get("phoneme_type", "espeak")
+        if phoneme_type != "espeak":
+            raise VoiceFileError(f"{config_path}: phoneme_type {phoneme_type!r} is not supported (espeak only)")
+        try:
+            inference = cfg.get("inference", {})
+            speaker_ids = {str(k): int(v) for k, v in cfg.get("speaker_id_map", {}).items()}
+            return cls(
+                name=name or model_path.name.removesuffix(".onnx"),
+                language=cfg.get("language", {}).get("code") or cfg["espeak"]["voice"],
+                sample_rate=int(cfg["audio"]["sample_rate"]),
+                quality=cfg["audio"].get("quality", "unknown"),
+                espeak_voice=cfg["espeak"]["voice"],
+                speakers=tuple(sorted(speaker_ids, key=speaker_ids.__getitem__)),
+                model_path=model_path,
+                config_path=config_path,
+                defaults=Scales(
+                    noise=float(inference.get("noise_scale", 0.667)),
+                    length=float(inference.get("length_scale", 1.0)),
+                    noise_w=float(inference.get("noise_w", 0.8)),
+                ),
+                phoneme_id_map={str(k): [int(i) for i in v] for k, v in cfg["phoneme_id_map"].items()},
+                speaker_ids=speaker_ids,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VoiceFileError(f"{config_path}: missing or malformed field {exc}") from exc
+
+
+class Voice:
+    def __init__(self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype) -> None:
+        self.info = info
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map)
+
+    @classmethod
+    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False) -> "Voice":
+        target = torch.device(device)
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidRequest("device 'cuda' requested but torch sees no CUDA device")
+        dtype = torch.float16 if half else torch.float32
+        if half and target.type == "cpu":
+            raise InvalidRequest("half precision needs a GPU device")
+        model = load_piper_onnx(info.model_path).to(target, dtype)
+        return cls(info, model, target, dtype)
+
+    @property
+    def hop_length(self) -> int:
+        return self.model.cfg.hop_length
+
+    @property
+    def sample_rate(self) -> int:
+        return self.info.sample_rate
+
+    def speaker_id(self, speaker: str | int | None) -> int | None:
+        """Resolve a speaker name or index; None for single-speaker voices."""
+        n = self.model.cfg.n_speakers
+        if n <= 1:
+            if speaker not in (None, 0, ""):
+                raise InvalidRequest(f"voice {self.info.name} has a single speaker")
+            return None
+        if speaker is None or speaker == "":
+            return 0
+        if isinstance(speaker, str) and not speaker.isdigit():
+            if speaker not in self.info.speaker_ids:
+                raise InvalidRequest(f"voice {self.info.name} has no speaker {speaker!r}")
+            return self.info.speaker_ids[speaker]
+        index = int(speaker)
+        if not 0 <= index < n:
+            raise InvalidRequest(f"speaker index must be in [0, {n - 1}], got {index}")
+        return index
