@@ -191,7 +191,7 @@ def test_torch_matches_onnxruntime(exported: Exported) -> None:
 def test_phonemes_past_input_lengths_are_ignored(exported: Exported) -> None:
     ids, speaker = SEQUENCES[1], exported.case.speakers[0]
     padded = run_onnx(exported.session, ids + [0, 5, 9], speaker, length=len(ids))
-    assert max_diff(padded, run_onnx(exported.session, ids, speaker)) == 0.0
+    assert max_diff(padded, run_onnx(exported.session, ids, speaker)) <= 1e-6
 
 
 @pytest.mark.parametrize("exported", ["medium_multi_speaker"], indirect=True)

@@ -89,7 +89,7 @@ async def _say_streaming(args: argparse.Namespace, engine, fragments: AsyncItera
     feeder = asyncio.create_task(feed())
     pcm = bytearray()
     words: list[WordTimestamp] = []
-    rate = 0
+    rate = args.rate or stream.voice.sample_rate
     end: StreamEnd | None = None
     try:
         async for event in stream:
@@ -133,6 +133,7 @@ def _say_whole(args: argparse.Namespace, engine, text: str) -> dict:
     import numpy as np
     import soxr
 
+    engine.voice()  # load before timing, as the streaming path does
     started = time.perf_counter()
     utt = engine.synthesize(text, style=_style(args), speaker=args.speaker)
     compute = time.perf_counter() - started

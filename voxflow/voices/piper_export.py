@@ -36,6 +36,8 @@ class _PiperForward(nn.Module):
     own names so the file's initializers are named exactly like the model's state_dict.
     """
 
+    synth: VitsSynthesizer
+
     def __init__(self, model: VitsSynthesizer) -> None:
         super().__init__()
         for name, part in model.named_children():
