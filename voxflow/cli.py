@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 import wave
@@ -26,6 +27,10 @@ def _process_age_seconds() -> float:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +128,7 @@ async def _say_streaming(args: argparse.Namespace, engine, fragments: AsyncItera
         "wall_seconds": round(time.perf_counter() - started, 3),
         "rtf": round(m.compute_seconds / audio_seconds, 4) if audio_seconds else None,
         "chunks": m.chunks,
+        "peak_rss_mb": _peak_rss_mb(),
         "words": len(words),
         "sample_rate": rate,
         "output": None if to_stdout else args.output,
@@ -150,6 +156,7 @@ def _say_whole(args: argparse.Namespace, engine, text: str) -> dict:
         "rtf": round(compute / utt.duration, 4) if utt.duration else None,
         "process_to_audio_s": round(_process_age_seconds(), 3),
         "words": len(utt.words),
+        "peak_rss_mb": _peak_rss_mb(),
         "sample_rate": rate,
         "output": args.output,
     }

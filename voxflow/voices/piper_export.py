@@ -11,18 +11,12 @@ import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from piper.phoneme_ids import DEFAULT_PHONEME_ID_MAP
 from torch import nn
-from torch.onnx import symbolic_helper, symbolic_opset9
 
 from .vits import Scales, VitsSynthesizer, expand_by_durations
-
-if TYPE_CHECKING:
-    from torch._C import Value
-    from torch.onnx._internal.torchscript_exporter.jit_utils import GraphContext
 
 OPSET_VERSION = 15
 QUALITIES = ("x_low", "low", "medium", "high")
@@ -57,42 +51,6 @@ class _PiperForward(nn.Module):
         log_scale = expand_by_durations(log_scale, durations)
         z = m.flow.reverse(mean + torch.randn_like(mean) * torch.exp(log_scale) * scales[0], g)
         return m.dec(z, g).unsqueeze(1)
-
-
-@symbolic_helper.parse_args("v", "v", "v", "v", "f", "none")
-def _channel_layer_norm(
-    g: GraphContext, x: Value, _shape: Value, weight: Value, bias: Value, eps: float, _cudnn: object
-) -> Value:
-    """aten::layer_norm over the last axis, whatever form its normalized_shape was traced in.
-
-    ChannelLayerNorm passes (x.shape[1],), which tracing records as a graph value rather than
-    a constant, and the stock symbolic needs a constant. Every norm in the model is over one
-    (the channel) axis, so only the axis is needed.
-    """
-    normalized, _, _ = symbolic_opset9.native_layer_norm(g, x, [-1], weight, bias, eps)
-    return normalized
-
-
-@symbolic_helper.parse_args("v", "i", "v", "v")
-def _last_axis_scatter_add(g: GraphContext, x: Value, dim: int, index: Value, src: Value) -> Value:
-    """aten::scatter_add along the last axis, accumulating repeated indices.
-
-    Below opset 16 the stock symbolic is a plain ScatterElements, where a repeated index keeps
-    only one write; the attention's clamped offset index repeats outside the window. A one-hot
-    of the index, weighted by src and summed over the scattered axis, accumulates them.
-    """
-    rank = symbolic_helper._get_tensor_rank(index)
-    if rank is None or dim not in (-1, rank - 1):
-        return symbolic_helper._unimplemented("scatter_add", "only the last axis of a known rank", x)
-    depth = g.op("Gather", g.op("Shape", x), g.op("Constant", value_t=torch.tensor(rank - 1)))
-    off_on = g.op("Constant", value_t=torch.tensor([0.0, 1.0]))
-    one_hot = g.op("OneHot", index, depth, g.op("CastLike", off_on, src), axis_i=-1)
-    weighted = g.op("Mul", one_hot, g.op("Unsqueeze", src, g.op("Constant", value_t=torch.tensor([-1]))))
-    summed = g.op("ReduceSum", weighted, g.op("Constant", value_t=torch.tensor([-2])), keepdims_i=0)
-    return g.op("Add", x, summed)
-
-
-_SYMBOLICS = {"aten::layer_norm": _channel_layer_norm, "aten::scatter_add": _last_axis_scatter_add}
 
 
 def _language_code(espeak_voice: str) -> str:
@@ -163,8 +121,6 @@ def export_piper_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    for op, symbolic in _SYMBOLICS.items():
-        torch.onnx.register_custom_op_symbolic(op, symbolic, OPSET_VERSION)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of torch.export, but it is the
@@ -188,8 +144,6 @@ def export_piper_onnx(
                 do_constant_folding=False,
             )
     finally:
-        for op in _SYMBOLICS:
-            torch.onnx.unregister_custom_op_symbolic(op, OPSET_VERSION)
         model.train(was_training)
 
     config = _config_json(model, sample_rate, espeak_voice, phoneme_id_map, speaker_id_map, quality)

@@ -167,7 +167,12 @@ def load_piper_onnx(path: str | Path) -> VitsSynthesizer:
         graph = _Graph.read(path)
     except Exception as exc:  # onnx raises several unrelated types for unreadable files
         raise VoiceFileError(f"cannot read ONNX voice {path}: {exc}") from exc
-    model = VitsSynthesizer(infer_config(graph))
+    try:
+        model = VitsSynthesizer(infer_config(graph))
+    except VoiceFileError:
+        raise
+    except (ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as exc:
+        raise VoiceFileError(f"{path}: tensors do not form a VITS model: {exc}") from exc
     state = {}
     for name, param in model.state_dict().items():
         value = graph.require(name)

@@ -16,12 +16,18 @@ from torch.nn import functional as F
 from .layers import ChannelLayerNorm
 
 
-def relative_index(length: int, window: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of each (query, key) offset into a [2*window+1] table, and where it is inside the window."""
+def relative_offsets(length: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[length, length, 2*window+1] one-hot of each (query, key) offset inside +-window.
+
+    Offsets outside the window map to all zeros. As a dense tensor (rather than an index to
+    gather and scatter with) the relative terms are two einsums, which export to ONNX as they
+    run in torch.
+    """
     positions = torch.arange(length, device=device)
     offsets = positions[None, :] - positions[:, None]
-    inside = offsets.abs() <= window
-    return (offsets + window).clamp(0, 2 * window), inside
+    inside = (offsets.abs() <= window).to(dtype)
+    one_hot = F.one_hot((offsets + window).clamp(0, 2 * window), 2 * window + 1).to(dtype)
+    return one_hot * inside[..., None]
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -45,7 +51,8 @@ class RelativeMultiHeadAttention(nn.Module):
         self.emb_rel_k = nn.Parameter(table.clone())
         self.emb_rel_v = nn.Parameter(table.clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """offsets: relative_offsets(length, window) for x's length, shared by every layer."""
         batch, channels, length = x.shape
         heads, head_ch = self.n_heads, self.head_channels
 
@@ -56,20 +63,11 @@ class RelativeMultiHeadAttention(nn.Module):
         key = split_heads(self.conv_k(x))
         value = split_heads(self.conv_v(x))
 
-        index, inside = relative_index(length, self.window, x.device)
-        # [batch, heads, length, 2w+1] logits against the relative table, spread onto the
-        # absolute (query, key) grid; offsets outside the window contribute nothing.
-        rel_logits = query @ self.emb_rel_k[0].transpose(0, 1)
-        grid_index = index.expand(batch, heads, length, length)
-        scores = query @ key.transpose(-2, -1)
-        scores = scores + torch.gather(rel_logits, 3, grid_index) * inside
+        rel_logits = query @ self.emb_rel_k[0].transpose(0, 1)  # [b, h, length, 2w+1]
+        scores = query @ key.transpose(-2, -1) + torch.einsum("bhir,ijr->bhij", rel_logits, offsets)
         weights = F.softmax(scores, dim=-1)
-
-        out = weights @ value
-        # Sum the attention weights per relative offset, then apply the value table.
-        per_offset = torch.zeros(batch, heads, length, 2 * self.window + 1, dtype=x.dtype, device=x.device)
-        per_offset = per_offset.scatter_add(3, grid_index, weights * inside)
-        out = out + per_offset @ self.emb_rel_v[0]
+        per_offset = torch.einsum("bhij,ijr->bhir", weights, offsets)  # attention mass per offset
+        out = weights @ value + per_offset @ self.emb_rel_v[0]
         return self.conv_o(out.transpose(2, 3).reshape(batch, channels, length))
 
 
@@ -91,6 +89,7 @@ class Encoder(nn.Module):
         self, channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int, window: int
     ) -> None:
         super().__init__()
+        self.window = window
         self.attn_layers = nn.ModuleList(
             RelativeMultiHeadAttention(channels, n_heads, window) for _ in range(n_layers)
         )
@@ -101,8 +100,9 @@ class Encoder(nn.Module):
         self.norm_layers_2 = nn.ModuleList(ChannelLayerNorm(channels) for _ in range(n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = relative_offsets(x.shape[2], self.window, x.device, x.dtype)
         for attn, norm1, ffn, norm2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
-            x = norm1(x + attn(x))
+            x = norm1(x + attn(x, offsets))
             x = norm2(x + ffn(x))
         return x
 
