@@ -49,8 +49,8 @@ class AcousticState:
         # Each stream owns its noise source, so a seed reproduces a stream exactly whatever
         # other streams run beside it.
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        with torch.inference_mode():
-            self.g = model.speaker(speaker_id)
+        self.speaker_id = speaker_id
+        self.g: torch.Tensor | None = None  # computed on the compute thread at the first step
         self.ids = torch.zeros(0, dtype=torch.long, device=self.device)
         channels = model.cfg.inter_channels
         self.duration_noise = torch.zeros(1, 2, 0, device=self.device, dtype=self.dtype)
@@ -68,6 +68,8 @@ class AcousticState:
     @torch.inference_mode()
     def step(self, new_ids: Sequence[int]) -> ChunkLatents:
         model, opts, scales = self.model, self.options, self.scales
+        if self.g is None and self.speaker_id is not None:
+            self.g = model.speaker(self.speaker_id)
         new = torch.as_tensor(list(new_ids), dtype=torch.long, device=self.device)
         n_ctx = self.ids.shape[0]
         ids = torch.cat([self.ids, new])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
-
-import torch
 
 from ..voices.phonemizer import WordSpan
 from .events import WordTimestamp
@@ -13,12 +12,12 @@ from .events import WordTimestamp
 def word_timestamps(
     context_id: str,
     words: Sequence[WordSpan],
-    durations: torch.Tensor,
+    durations: Sequence[int],
     seconds_per_frame: float,
     offset: float,
 ) -> list[WordTimestamp]:
     """durations[i] frames for phoneme id i; spans index the same ids; offset = chunk start (s)."""
-    ends = [0, *torch.cumsum(durations, 0).tolist()]
+    ends = [0, *accumulate(durations)]
     return [
         WordTimestamp(
             context_id,

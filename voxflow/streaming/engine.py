@@ -37,15 +37,29 @@ class Utterance:
 
 
 class Engine:
+    """Owns the compute threads. Every torch call, voice loading included, runs on them.
+
+    Keeping torch off every other thread is a speed matter, not only a loop-latency one: each
+    Python thread that runs torch ops gets its own OpenMP team, and once there are more team
+    threads than cores libgomp throttles its spinning for all of them, which doubled the time
+    of every op here. One worker with all cores as intra-op threads is the default; with
+    several workers, give each one thread (threads=1).
+    """
+
     def __init__(self, config: EngineConfig = EngineConfig()) -> None:
         self.config = config
-        torch.set_num_threads(config.torch_threads)
         self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half)
-        self._executor = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="voxflow-synth")
+        self._executor = ThreadPoolExecutor(
+            max(1, config.workers),
+            thread_name_prefix="voxflow-synth",
+            initializer=torch.set_num_threads,
+            initargs=(config.torch_threads,),
+        )
         self._ids = itertools.count()
 
     def voice(self, name: str | None = None) -> Voice:
-        return self.voices.get(name or self.config.voice)
+        """The named (or default) voice, loaded on a compute thread on first use. Blocking."""
+        return self._executor.submit(self.voices.get, name or self.config.voice).result()
 
     def open_stream(
         self,
@@ -77,7 +91,6 @@ class Engine:
         async for _ in stream:
             pass
 
-    @torch.inference_mode()
     def synthesize(
         self,
         text: str,
@@ -92,7 +105,11 @@ class Engine:
             raise InvalidRequest(f"text must be a string, got {type(text).__name__}")
         if len(text) > self.config.max_text_chars:
             raise LimitExceeded(f"text exceeds {self.config.max_text_chars} characters")
-        v = self.voice(voice)
+        return self._executor.submit(self._synthesize, text, voice, style, speaker, seed).result()
+
+    @torch.inference_mode()
+    def _synthesize(self, text: str, voice: str | None, style: Style, speaker: str | int | None, seed: int | None) -> Utterance:
+        v = self.voices.get(voice or self.config.voice)
         scales = style.scales(v.info.defaults)
         generator = torch.Generator(device=v.device).manual_seed(self.config.seed if seed is None else seed)
         sid = v.speaker_id(speaker)
@@ -103,7 +120,7 @@ class Engine:
         for sentence in v.phonemizer.phonemize_sentences(text):
             ids = torch.as_tensor([sentence.ids], dtype=torch.long, device=v.device)
             audio, durations = v.model.infer(ids, scales, sid, generator)
-            words += word_timestamps("", sentence.words, durations, seconds_per_frame, offset)
+            words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
             pieces.append(audio[0, 0].float().cpu().numpy())
             offset += len(pieces[-1]) / v.sample_rate
         audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)

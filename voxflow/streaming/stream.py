@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator, Callable, TypeVar
 
+import torch
+
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
+from ..voices.phonemizer import WordSpan
 from ..voices.styles import Style
 from ..voices.voice import Voice
 from .acoustic import AcousticOptions, AcousticState
@@ -51,6 +54,14 @@ class StreamMetrics:
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     chunks: int = 0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    words: tuple[WordSpan, ...]
+    durations: list[int]  # frames per phoneme id
+    joined: torch.Tensor  # decoder input: previous chunk's latent tail + this chunk
+    blocks: list[tuple[int, int]]
 
 
 class _End:
@@ -185,24 +196,29 @@ class SynthesisStream:
         self.metrics.compute_seconds += time.perf_counter() - start
         return result
 
+    def _prepare(self, text: str, bos: bool, eos: bool) -> _Prepared | None:
+        """Phonemes, acoustic step and decoder set-up for one chunk (on the compute thread)."""
+        phonemes = self.voice.phonemizer.phonemize(text, bos=bos, eos=eos)
+        if not phonemes.ids:
+            return None
+        latents = self._acoustic.step(phonemes.ids)
+        joined = self._decoder.begin_chunk(latents.z)
+        return _Prepared(phonemes.words, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2]))
+
     async def _speak(self, chunk: TextChunk) -> None:
         if self.metrics.first_chunk is None:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
-        phonemes = await self._compute(
-            partial(self.voice.phonemizer.phonemize, bos=self._utterance_start, eos=chunk.final), chunk.text
-        )
+        prepared = await self._compute(self._prepare, chunk.text, self._utterance_start, chunk.final)
         self._utterance_start = chunk.final
-        if phonemes.ids:
-            latents = await self._compute(self._acoustic.step, phonemes.ids)
+        if prepared is not None:
             for event in word_timestamps(
-                self.context_id, phonemes.words, latents.durations, self._seconds_per_frame, self._timeline
+                self.context_id, prepared.words, prepared.durations, self._seconds_per_frame, self._timeline
             ):
                 await self._output.put(event)
-            self._timeline += int(latents.durations.sum()) * self._seconds_per_frame
-            joined = self._decoder.begin_chunk(latents.z)
-            for start, end in self._decoder.plan(latents.z.shape[2]):
-                audio = await self._compute(self._decoder.decode_block, joined, start, end)
+            self._timeline += sum(prepared.durations) * self._seconds_per_frame
+            for start, end in prepared.blocks:
+                audio = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
                 await self._emit_all(self._framer.push(audio))
         if chunk.final:
             self._acoustic.end_utterance()
