@@ -30,6 +30,17 @@ def _process_age_seconds() -> float:
 
 
 def _peak_rss_mb() -> float:
+    """High-water resident memory of this process image.
+
+    Read from /proc rather than getrusage: ru_maxrss survives exec, so a process started from a
+    large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
