@@ -248,3 +248,20 @@ def test_whole_path_is_deterministic_and_timed(engine):
     assert np.array_equal(a.audio, b.audio)
     assert [w.word for w in a.words] == ["A", "whole", "sentence", "at", "once."]
     assert a.words[-1].end <= a.duration + 1e-6
+
+
+def test_whole_path_splits_run_on_text(engine, monkeypatch):
+    """Text without punctuation must not reach the quadratic encoder in one piece."""
+    model = engine.voice().model
+    seen: list[int] = []
+    original = model.infer_latents
+
+    def spy(ids, *args):
+        seen.append(ids.shape[1])
+        return original(ids, *args)
+
+    monkeypatch.setattr(model, "infer_latents", spy)
+    utt = engine.synthesize("word " * 400)
+    assert len(utt.words) == 400
+    assert len(seen) >= 400 // 60
+    assert max(seen) < 600  # 60 words of "word" and their pads

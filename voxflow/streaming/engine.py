@@ -8,19 +8,30 @@ from __future__ import annotations
 import asyncio
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidRequest, LimitExceeded
+from ..voices.phonemizer import Phonemes
 from ..voices.registry import VoiceRegistry
 from ..voices.styles import Style
 from ..voices.voice import Voice
 from .alignment import word_timestamps
+from .chunker import ChunkerOptions, TextChunker
+from .decoder_blocks import BlockDecoder, BlockOptions
 from .events import WordTimestamp
 from .stream import StreamOptions, SynthesisStream
+
+
+# Whole-text synthesis cuts only at sentence ends, or at the size cap inside run-on text.
+WHOLE_TEXT_SPLIT = ChunkerOptions(first_chunk_words=10**9, min_words=(10**9,), max_words=60, max_chars=400)
+# Sentences up to ~4 s decode in one piece; longer ones are split (exactly, with context),
+# which bounds the decoder's working memory (~450 MB more at 1024 frames, ~50 MB at 256).
+WHOLE_TEXT_BLOCKS = BlockOptions(first_block_frames=256, block_frames=(256,))
 
 
 @dataclass(frozen=True)
@@ -117,14 +128,28 @@ class Engine:
         pieces: list[np.ndarray] = []
         words: list[WordTimestamp] = []
         offset = 0.0
-        for sentence in v.phonemizer.phonemize_sentences(text):
+        for sentence in self._sentences(v, text):
             ids = torch.as_tensor([sentence.ids], dtype=torch.long, device=v.device)
-            audio, durations = v.model.infer(ids, scales, sid, generator)
+            z, durations = v.model.infer_latents(ids, scales, sid, generator)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
-            pieces.append(audio[0, 0].float().cpu().numpy())
-            offset += len(pieces[-1]) / v.sample_rate
+            decoder = BlockDecoder(lambda latents: v.model.dec(latents, v.model.speaker(sid)), v.hop_length, WHOLE_TEXT_BLOCKS)
+            joined = decoder.begin_chunk(z)
+            pieces += [decoder.decode_block(joined, start, end) for start, end in decoder.plan(z.shape[2])]
+            pieces.append(decoder.release())
+            offset += z.shape[2] * seconds_per_frame
         audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
         return Utterance(np.clip(audio * style.volume, -1.0, 1.0), v.sample_rate, words)
+
+    def _sentences(self, v: Voice, text: str) -> Iterator[Phonemes]:
+        """Sentences as Piper would render them, but never longer than the chunker's cap.
+
+        The encoder's attention grows with the square of a sentence's length, so a long text
+        without punctuation must not reach the model in one piece.
+        """
+        chunker = TextChunker(replace(WHOLE_TEXT_SPLIT, max_buffer_chars=max(len(text), 1)))
+        for piece in chunker.push(text) + chunker.end():
+            if piece.text:
+                yield from v.phonemizer.phonemize_sentences(piece.text)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -47,6 +47,8 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import VoxflowError
+
 _LOGGER = logging.getLogger(__name__)
 
 BOS = "^"
@@ -80,7 +82,7 @@ _bridge: ModuleType | None = None
 _Clauses = tuple[tuple[str, str, bool], ...]
 
 
-class PhonemizerError(ValueError):
+class PhonemizerError(VoxflowError, ValueError):
     code = "phonemizer_error"
 
 

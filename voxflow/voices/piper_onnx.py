@@ -19,10 +19,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..errors import VoxflowError
 from .vits import GeneratorConfig, VitsConfig, VitsSynthesizer
 
 
-class VoiceFileError(ValueError):
+class VoiceFileError(VoxflowError, ValueError):
     """The file is not a Piper VITS voice this loader understands."""
 
     code = "voice_file_invalid"

@@ -68,7 +68,10 @@ class Voice:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map)
+        # The engine bounds text per request (max_text_chars) and streams phonemize chunks of
+        # at most a few hundred characters, so the phonemizer's own cap would only get in the
+        # way of whole-text synthesis.
+        self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map, max_chars=None)
 
     @classmethod
     def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False) -> "Voice":

@@ -106,6 +106,17 @@ class VitsSynthesizer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-sentence synthesis: ids [1, T] -> (audio [1, 1, samples], durations [T])."""
+        z, durations = self.infer_latents(ids, scales, speaker_id, generator)
+        return self.dec(z, self.speaker(speaker_id)), durations
+
+    def infer_latents(
+        self,
+        ids: torch.Tensor,
+        scales: Scales | torch.Tensor = Scales(),
+        speaker_id: int | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything before the decoder: ids [1, T] -> (latents [1, C, frames], durations [T])."""
         if isinstance(scales, Scales):
             noise, length, noise_w = scales.noise, scales.length, scales.noise_w
         else:
@@ -117,5 +128,4 @@ class VitsSynthesizer(nn.Module):
         mean_f = expand_by_durations(mean, durations)
         log_scale_f = expand_by_durations(log_scale, durations)
         eps = torch.randn(mean_f.shape, generator=generator, device=mean_f.device, dtype=mean_f.dtype)
-        z = self.flow.reverse(mean_f + eps * torch.exp(log_scale_f) * noise, g)
-        return self.dec(z, g), durations
+        return self.flow.reverse(mean_f + eps * torch.exp(log_scale_f) * noise, g), durations
