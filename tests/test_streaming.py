@@ -266,3 +266,16 @@ def test_whole_path_splits_run_on_text(engine, monkeypatch):
     assert len(seen) >= 400 // 60
     per_word = len(engine.voice().phonemizer.phonemize("word " * 10).ids) / 10
     assert max(seen) <= 61 * per_word  # the split's 60-word cap, plus BOS/EOS
+
+
+async def test_a_reader_that_pauses_gets_everything_with_bounded_buffering(engine):
+    options = StreamOptions(output_queue=16)
+    stream = engine.open_stream(options=options)
+    await stream.push(PARAGRAPH)
+    await stream.end()
+    await asyncio.sleep(1.5)  # far longer than synthesising the paragraph takes
+    assert stream._output.qsize() <= 16  # the producer waits for the reader
+    assert not stream._task.done()
+    events = await asyncio.wait_for(collect(stream), timeout=60)
+    assert events[-1] == StreamEnd(stream.context_id, "done")
+    assert len(pcm(events)) / 22050 > 5  # the whole paragraph, nothing dropped

@@ -109,9 +109,9 @@ class SynthesisStream:
         if not isinstance(text, str):
             raise InvalidRequest(f"text must be a string, got {type(text).__name__}")
         self._check_open()
+        if self._text_chars + len(text) > self.options.max_text_chars:
+            raise LimitExceeded(f"context {self.context_id} would exceed {self.options.max_text_chars} characters of text")
         self._text_chars += len(text)
-        if self._text_chars > self.options.max_text_chars:
-            raise LimitExceeded(f"context {self.context_id} exceeded {self.options.max_text_chars} characters of text")
         if self.metrics.first_text is None:
             self.metrics.first_text = time.perf_counter()
         await self._input.put(text)
@@ -132,8 +132,6 @@ class SynthesisStream:
             return
         self._closed = True
         self._task.cancel()
-        while not self._output.empty():
-            self._output.get_nowait()
         self._finish(StreamEnd(self.context_id, "cancelled"))
 
     async def aclose(self) -> None:
@@ -161,6 +159,9 @@ class SynthesisStream:
         return self._finished
 
     def _finish(self, event: StreamEnd) -> None:
+        """End the stream early (cancel, error): drop what the reader has not taken yet."""
+        while not self._output.empty():
+            self._output.get_nowait()
         self._finished = True
         self._output.put_nowait(event)
 
@@ -176,7 +177,9 @@ class SynthesisStream:
                 await self._speak(chunk)
             await self._emit_all(self._framer.push(self._decoder.release()))
             await self._emit_all(self._framer.flush())
-            self._finish(StreamEnd(self.context_id, "done"))
+            # Waits for room like any event: a slow reader must not turn "done" into an error.
+            await self._output.put(StreamEnd(self.context_id, "done"))
+            self._finished = True
         except asyncio.CancelledError:
             raise
         except VoxflowError as exc:
@@ -186,8 +189,6 @@ class SynthesisStream:
             self._fail("internal_error", f"synthesis failed: {type(exc).__name__}")
 
     def _fail(self, code: str, message: str) -> None:
-        while not self._output.empty():
-            self._output.get_nowait()
         self._finish(StreamEnd(self.context_id, "error", code, message))
 
     async def _compute(self, fn: Callable[..., T], *args: object) -> T:
