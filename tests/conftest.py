@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from server_harness import RunningServer, run_server
 from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 
@@ -22,3 +23,13 @@ def engine() -> Iterator[Engine]:
         yield eng
     finally:
         eng.close()
+
+
+@pytest.fixture(scope="session")
+def server(engine: Engine) -> Iterator[RunningServer]:
+    """A live server with default settings (no keys, cache off), shared by the server tests.
+
+    Tests that need other settings start their own with `server_harness.run_server`.
+    """
+    with run_server(engine) as running:
+        yield running

@@ -225,6 +225,22 @@ def cmd_voices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .transports.runner import serve
+
+    settings = load_settings(
+        args.config,
+        engine={"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
+                "threads": args.threads, "seed": args.seed},
+        server={"host": args.host, "port": args.port},
+    )
+    print(f"voxflow serving on http://{settings.server.host}:{settings.server.port} "
+          f"(WebSocket ws://{settings.server.host}:{settings.server.port}/v1/stream, docs /docs)", flush=True)
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxflow", description="Streaming neural text-to-speech.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     _engine_args(say)
     say.set_defaults(func=cmd_say)
+
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
+    serve.add_argument("--port", type=int, help="port (default 8765)")
+    _engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     voices = sub.add_parser("voices", help="list voices")
     voices.add_argument("--json", action="store_true")

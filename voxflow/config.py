@@ -34,7 +34,37 @@ class EngineConfig:
         return self.threads or _cores()
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default; any other address requires api_keys
+    port: int = 8765
+    api_keys: tuple[str, ...] = ()  # accepted as "Authorization: Bearer KEY" or "xi-api-key: KEY"
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API
+    grace_seconds: float = 10.0  # on SIGTERM: time in-flight streams get to finish
+    max_sockets: int = 64  # open WebSocket connections
+    max_contexts_per_socket: int = 8
+    max_message_chars: int = 10_000  # text in one message
+    requests_per_second: float = 20.0  # per API key (or per client address without keys)
+    send_timeout_seconds: float = 5.0  # a context whose audio cannot be sent for this long is dropped
+    cache_enabled: bool = True
+    cache_path: str = "~/.cache/voxflow/audio-cache.sqlite3"
+    cache_max_mb: int = 256
+    warmup_phrases: tuple[str, ...] = ("Hello!", "One moment, please.", "Sorry, I didn't catch that.")
+    voice_aliases: tuple[str, ...] = ()  # "alloy=en_US-joe-medium" pairs; unnamed OpenAI voices map to the default voice
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class Settings:
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+
+
 _ENV_PREFIX = "VOXFLOW_"
+_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases"}
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
@@ -44,27 +74,58 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         if kind == "int":
             return int(value)
-        if name == "voice_dirs":
-            items = value.split(os.pathsep) if isinstance(value, str) else value
-            return tuple(Path(p) for p in items if p)
+        if kind == "float":
+            return float(value)
+        if name in _TUPLE_FIELDS:
+            # Environment lists are comma separated (paths: os.pathsep separated).
+            sep = os.pathsep if name == "voice_dirs" else ","
+            items = value.split(sep) if isinstance(value, str) else value
+            items = tuple(str(i).strip() for i in items if str(i).strip())
+            return tuple(Path(i) for i in items) if name == "voice_dirs" else items
         return str(value)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"config {name}: cannot use {value!r}: {exc}") from exc
 
 
-def load_config(file: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    path = file or env.get(_ENV_PREFIX + "CONFIG")
-    if path:
-        with open(path, "rb") as fh:
-            values.update(tomllib.load(fh).get("engine", {}))
-    for f in fields(EngineConfig):
+def _build(cls: type, table: Mapping[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any]) -> Any:
+    values: dict[str, Any] = dict(table)
+    for f in fields(cls):
         if (raw := env.get(_ENV_PREFIX + f.name.upper())) is not None:
             values[f.name] = raw
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name: f.type for f in fields(EngineConfig)}
+    known = {f.name: f.type for f in fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise InvalidRequest(f"unknown config keys: {', '.join(sorted(unknown))}")
-    return replace(EngineConfig(), **{k: _coerce(k, known[k], v) for k, v in values.items()})
+        raise InvalidRequest(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    return replace(cls(), **{k: _coerce(k, known[k], v) for k, v in values.items()})
+
+
+def _read_file(file: str | Path | None, env: Mapping[str, str]) -> dict[str, Any]:
+    path = file or env.get(_ENV_PREFIX + "CONFIG")
+    if not path:
+        return {}
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def load_config(file: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
+    env = os.environ if env is None else env
+    return _build(EngineConfig, _read_file(file, env).get("engine", {}), env, overrides)
+
+
+def load_settings(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    engine: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Engine and server settings: defaults < TOML file ([engine], [server]) < VOXFLOW_* < overrides."""
+    env = os.environ if env is None else env
+    table = _read_file(file, env)
+    settings = Settings(
+        engine=_build(EngineConfig, table.get("engine", {}), env, engine or {}),
+        server=_build(ServerConfig, table.get("server", {}), env, server or {}),
+    )
+    if not settings.server.loopback and not settings.server.api_keys:
+        raise InvalidRequest(f"binding {settings.server.host} needs at least one API key (api_keys / VOXFLOW_API_KEYS)")
+    return settings

@@ -54,6 +54,8 @@ class StreamMetrics:
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     chunks: int = 0
+    acoustic_seconds: list[float] = field(default_factory=list)  # per chunk: phonemes + acoustic step
+    first_block_seconds: float | None = None  # decoding the stream's first block
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class _Prepared:
 
 class _End:
     pass
+
+
+def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    # Timed on the compute thread itself, so queueing behind other streams is not counted.
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 _END = _End()
@@ -191,11 +199,11 @@ class SynthesisStream:
     def _fail(self, code: str, message: str) -> None:
         self._finish(StreamEnd(self.context_id, "error", code, message))
 
-    async def _compute(self, fn: Callable[..., T], *args: object) -> T:
-        start = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
-        self.metrics.compute_seconds += time.perf_counter() - start
-        return result
+    async def _compute(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
+        """Run fn on the compute thread; returns its result and the seconds it took there."""
+        result, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, partial(_timed, fn, *args))
+        self.metrics.compute_seconds += seconds
+        return result, seconds
 
     def _prepare(self, text: str, bos: bool, eos: bool) -> _Prepared | None:
         """Phonemes, acoustic step and decoder set-up for one chunk (on the compute thread)."""
@@ -210,7 +218,8 @@ class SynthesisStream:
         if self.metrics.first_chunk is None:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
-        prepared = await self._compute(self._prepare, chunk.text, self._utterance_start, chunk.final)
+        prepared, seconds = await self._compute(self._prepare, chunk.text, self._utterance_start, chunk.final)
+        self.metrics.acoustic_seconds.append(seconds)
         self._utterance_start = chunk.final
         if prepared is not None:
             for event in word_timestamps(
@@ -219,7 +228,9 @@ class SynthesisStream:
                 await self._output.put(event)
             self._timeline += sum(prepared.durations) * self._seconds_per_frame
             for start, end in prepared.blocks:
-                audio = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
+                audio, seconds = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
+                if self.metrics.first_block_seconds is None:
+                    self.metrics.first_block_seconds = seconds
                 await self._emit_all(self._framer.push(audio))
         if chunk.final:
             self._acoustic.end_utterance()

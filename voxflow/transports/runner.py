@@ -1,0 +1,56 @@
+"""Run the app under uvicorn (uvloop, the websockets protocol) with a graceful SIGTERM.
+
+uvicorn on its own closes WebSockets at once on SIGTERM (1012). voxflow first stops taking
+new work, gives in-flight streams `grace_seconds` to finish, cancels the rest, and only then
+lets uvicorn close the sockets and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+import uvloop
+
+from ..config import Settings
+from .app import ServerState, create_app
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class _GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain is not None or sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)  # a second signal, or Ctrl-C: uvicorn's own quick exit
+            return
+        loop = asyncio.get_running_loop()
+        self._drain = loop.create_task(self._drain_then_exit(sig, frame))
+
+    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        _LOGGER.info("SIGTERM: draining for up to %.1f s", self.state.settings.server.grace_seconds)
+        await self.state.drain()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings, on_ready: str | None = None) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="none",  # uvloop.run below provides the loop
+        ws="websockets-sansio",
+        lifespan="on",
+        log_level="info",
+        timeout_graceful_shutdown=max(1, int(settings.server.grace_seconds)),
+    )
+    server = _GracefulServer(config, app.state.voxflow)
+    uvloop.run(server.serve())
