@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
+from server_harness import run_server
+
+from voxflow.config import load_settings
+from voxflow.errors import InvalidRequest
 
 
 def test_health_reports_ready(server):
@@ -34,3 +39,28 @@ def test_unknown_path_is_a_json_error(server):
     r = httpx.get(f"{server.http}/nope", timeout=10)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "http_404"
+
+
+def test_cors_is_off_by_default_and_configurable(engine, server):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(f"{server.http}/v1/voices", headers=preflight, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+    with run_server(engine, cors_origins=("http://app.example",)) as cors_server:
+        r = httpx.options(f"{cors_server.http}/v1/voices", headers=preflight, timeout=10)
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_binding_beyond_loopback_requires_a_key():
+    with pytest.raises(InvalidRequest, match="API key"):
+        load_settings(env={"VOXFLOW_HOST": "0.0.0.0"})
+    settings = load_settings(env={"VOXFLOW_HOST": "0.0.0.0", "VOXFLOW_API_KEYS": "k1,k2"})
+    assert settings.server.api_keys == ("k1", "k2")
+
+
+def test_settings_layer_file_env_and_overrides(tmp_path):
+    conf = tmp_path / "voxflow.toml"
+    conf.write_text('[engine]\nseed = 3\n[server]\nport = 9001\nmax_sockets = 5\n')
+    settings = load_settings(conf, env={"VOXFLOW_MAX_SOCKETS": "7"}, server={"port": 9002})
+    assert (settings.engine.seed, settings.server.max_sockets, settings.server.port) == (3, 7, 9002)
+    with pytest.raises(InvalidRequest, match="unknown"):
+        load_settings(env={}, server={"nonsense": 1})
