@@ -43,6 +43,10 @@ class VoiceRegistry:
             raise UnknownVoice(f"unknown voice {key!r}; available: {', '.join(self._infos)}")
         return self._infos[key]
 
+    def loaded(self, name: str | None = None) -> Voice | None:
+        """The voice if its weights are already loaded; never loads (safe on any thread)."""
+        return self._loaded.get(self.info(name).name)
+
     def get(self, name: str | None = None) -> Voice:
         info = self.info(name)
         with self._lock:

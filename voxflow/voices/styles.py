@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import InvalidRequest
-from .vits import Scales
+from .scales import Scales
 
 SPEED_RANGE = (0.5, 2.0)
 EXPRESSIVENESS_RANGE = (0.0, 2.0)

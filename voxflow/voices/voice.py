@@ -101,7 +101,7 @@ class Voice:
             return None
         if speaker is None or speaker == "":
             return 0
-        if isinstance(speaker, str) and not speaker.isdigit():
+        if isinstance(speaker, str) and not speaker.isdecimal():
             if speaker not in self.info.speaker_ids:
                 raise InvalidRequest(f"voice {self.info.name} has no speaker {speaker!r}")
             return self.info.speaker_ids[speaker]

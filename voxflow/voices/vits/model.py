@@ -15,6 +15,7 @@ from torch import nn
 from .attention import TextEncoder
 from .duration import StochasticDurationPredictor
 from .flow import ResidualCouplingFlow
+from ..scales import Scales
 from .hifigan import Generator, GeneratorConfig
 
 
@@ -42,15 +43,6 @@ class VitsConfig:
     @property
     def hop_length(self) -> int:
         return self.generator.hop_length
-
-
-@dataclass(frozen=True)
-class Scales:
-    """Piper's three sampling knobs: prior noise, length (1/speed) and duration noise."""
-
-    noise: float = 0.667
-    length: float = 1.0
-    noise_w: float = 0.8
 
 
 def expand_by_durations(values: torch.Tensor, durations: torch.Tensor) -> torch.Tensor:
