@@ -23,6 +23,9 @@ from onnx import TensorProto, helper
 from piper.config import PiperConfig
 from piper.phoneme_ids import DEFAULT_PHONEME_ID_MAP
 
+from voxflow.config import EngineConfig
+from voxflow.streaming.engine import Engine
+from voxflow.streaming.events import AudioFrame
 from voxflow.voices.piper_export import export_piper_onnx
 from voxflow.voices.piper_onnx import VoiceFileError, load_piper_onnx
 from voxflow.voices.vits import GeneratorConfig, Scales, VitsConfig, VitsSynthesizer
@@ -257,3 +260,24 @@ def test_onnx_without_vits_tensors_is_a_voice_file_error(tmp_path: Path) -> None
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(VoiceFileError):
         load_piper_onnx(path)
+
+
+async def test_streams_condition_every_stage_on_the_speaker(tmp_path: Path) -> None:
+    """A multi-speaker voice streamed through the engine: the decoder sees the speaker too."""
+    case = CASES["medium_multi_speaker"]
+    export_piper_onnx(random_model(case.cfg), tmp_path / "multi.onnx", speaker_id_map=case.speaker_id_map)
+    engine = Engine(EngineConfig(voice_dirs=(tmp_path,)))
+    try:
+        model = engine.voice("multi").model
+        conditioning: list[torch.Tensor | None] = []
+        model.dec.register_forward_hook(lambda module, args, out: conditioning.append(args[1] if len(args) > 1 else None))
+        outputs = {}
+        for speaker in ("ann", "cy"):
+            stream = engine.open_stream(voice="multi", speaker=speaker)
+            await stream.push("hello there")
+            await stream.end()
+            outputs[speaker] = b"".join([e.pcm async for e in stream if isinstance(e, AudioFrame)])
+        assert conditioning and all(g is not None for g in conditioning)
+        assert outputs["ann"] and outputs["ann"] != outputs["cy"]
+    finally:
+        engine.close()

@@ -21,6 +21,7 @@ from ..voices.registry import VoiceRegistry
 from ..voices.styles import Style
 from ..voices.voice import Voice
 from .alignment import word_timestamps
+from .audio_cache import AudioCache
 from .chunker import ChunkerOptions, TextChunker
 from .decoder_blocks import BlockDecoder, BlockOptions
 from .events import WordTimestamp
@@ -57,8 +58,10 @@ class Engine:
     several workers, give each one thread (threads=1).
     """
 
-    def __init__(self, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, config: EngineConfig = EngineConfig(), cache: AudioCache | None = None) -> None:
         self.config = config
+        # Streams opened from then on use it; may be set later (the server attaches its own).
+        self.cache = cache
         self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half)
         self._executor = ThreadPoolExecutor(
             max(1, config.workers),
@@ -69,8 +72,13 @@ class Engine:
         self._ids = itertools.count()
 
     def voice(self, name: str | None = None) -> Voice:
-        """The named (or default) voice, loaded on a compute thread on first use. Blocking."""
-        return self._executor.submit(self.voices.get, name or self.config.voice).result()
+        """The named (or default) voice; the first use loads it on a compute thread (blocking).
+
+        A loaded voice returns at once: the event loop must not wait behind synthesis jobs just
+        to open a stream.
+        """
+        name = name or self.config.voice
+        return self.voices.loaded(name) or self._executor.submit(self.voices.get, name).result()
 
     def open_stream(
         self,
@@ -81,8 +89,12 @@ class Engine:
         seed: int | None = None,
         context_id: str | None = None,
         options: StreamOptions | None = None,
+        cached: bool = True,
     ) -> SynthesisStream:
-        """Start a synthesis context; must be called with an event loop running."""
+        """Start a synthesis context; must be called with an event loop running.
+
+        cached=False keeps the stream away from the audio cache (it always runs the model).
+        """
         options = options or StreamOptions(max_text_chars=self.config.max_text_chars)
         return SynthesisStream(
             self.voice(voice),
@@ -92,11 +104,12 @@ class Engine:
             seed=self.config.seed if seed is None else seed,
             options=options,
             executor=self._executor,
+            cache=self.cache if cached else None,
         )
 
     async def warm_up(self, voice: str | None = None) -> None:
         """Load a voice and run it once so the first real request pays no first-call costs."""
-        stream = self.open_stream(voice=voice)
+        stream = self.open_stream(voice=voice, cached=False)
         await stream.push("Warming up the voice.")
         await stream.end()
         async for _ in stream:

@@ -8,7 +8,7 @@ import soxr
 from ..errors import InvalidRequest
 from .events import AudioFrame
 
-OUTPUT_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+OUTPUT_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 FRAME_MS_CHOICES = (10, 20, 40, 60, 100)
 
 

@@ -3,6 +3,18 @@
 The stream owns one task that drives the chunker and hands each piece of torch work (one
 acoustic step, then one decoder block at a time) to the engine's worker threads, so the event
 loop only moves text and frames and a cancel takes effect at the next block boundary.
+
+With an audio cache, an utterance whose whole text is already queued when it starts (text
+then a flush or the end, the way a transport sends a canned phrase) is cacheable. Its audio is
+made to depend on its key alone by speaking it from a fresh context: a new acoustic state
+(noise generator re-seeded with the stream's seed; no phoneme, duration-noise or latent
+context) and a new decoder (no latent tail, no held audio, the fast first block again). After
+it the context is made fresh once more, so what follows sounds the same whether it was
+replayed or synthesized. The framer needs no reset: the utterance's end flushed it (nothing
+pending, a new resampler), and a replay advances its frame counter, which numbers the
+following frames and, as `emitted_seconds`, places the following words on the timeline.
+An utterance whose text arrives while it is spoken (LLM tokens) is neither looked up nor
+stored: its chunking, and so its audio, depends on when the text came.
 """
 
 from __future__ import annotations
@@ -23,9 +35,10 @@ from ..voices.styles import Style
 from ..voices.voice import Voice
 from .acoustic import AcousticOptions, AcousticState
 from .alignment import word_timestamps
+from .audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
 from .chunker import FLUSH, ChunkerOptions, Flush, TextChunk, chunk_stream
 from .decoder_blocks import BlockDecoder, BlockOptions
-from .events import AudioFrame, StreamEnd, StreamEvent
+from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
 
 _LOGGER = logging.getLogger(__name__)
@@ -56,6 +69,8 @@ class StreamMetrics:
     chunks: int = 0
     acoustic_seconds: list[float] = field(default_factory=list)  # per chunk: phonemes + acoustic step
     first_block_seconds: float | None = None  # decoding the stream's first block
+    cache_hits: int = 0  # utterances replayed from the audio cache
+    cache_misses: int = 0  # cacheable utterances that had to be synthesized
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,19 @@ class _Prepared:
 
 class _End:
     pass
+
+
+@dataclass
+class _Recording:
+    """A cacheable utterance being synthesized, kept for the cache until it completes."""
+
+    key: CacheKey
+    offset: float  # stream time where it starts
+    words: list[CachedWord] = field(default_factory=list)
+    frames: list[bytes] = field(default_factory=list)
+
+    def add_words(self, words: list[WordTimestamp]) -> None:
+        self.words += [CachedWord(w.word, round(w.start - self.offset, 4), round(w.end - self.offset, 4)) for w in words]
 
 
 def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
@@ -90,16 +118,20 @@ class SynthesisStream:
         seed: int,
         options: StreamOptions,
         executor: Executor,
+        cache: AudioCache | None = None,
     ) -> None:
         self.context_id = context_id
         self.voice = voice
         self.options = options
         self.metrics = StreamMetrics()
         self._executor = executor
-        self._acoustic = AcousticState(
-            voice.model, style.scales(voice.info.defaults), voice.speaker_id(speaker), seed, options.acoustic
-        )
-        self._decoder = BlockDecoder(voice.model.dec, voice.hop_length, options.blocks)
+        self._cache = cache
+        self._style = style
+        self._speaker_id = voice.speaker_id(speaker)
+        self._seed = seed
+        self._reset_context()
+        self._pending_key: CacheKey | None = None  # the utterance the chunker gets next is cacheable
+        self._recording: _Recording | None = None
         self._framer = Framer(context_id, voice.sample_rate, options.sample_rate, options.frame_ms, style.volume)
         self._seconds_per_frame = voice.hop_length / voice.sample_rate
         self._timeline = 0.0  # stream time (s) where the next chunk's audio starts
@@ -176,8 +208,95 @@ class SynthesisStream:
     # -- the work ---------------------------------------------------------------------------
 
     async def _fragments(self) -> AsyncIterator[str | Flush]:
+        boundary = True  # the chunker holds no text: at the start and right after a flush
         while not isinstance(item := await self._input.get(), _End):
-            yield item
+            if not (boundary and self._cache is not None and isinstance(item, str)):
+                yield item
+                boundary = isinstance(item, Flush)
+                continue
+            fragments, closing = self._queued_utterance(item)
+            key = self._cache_key("".join(fragments)) if closing is not None else None
+            if key is not None and await self._replay(key):
+                if isinstance(closing, _End):
+                    return
+                continue
+            if key is not None:
+                # The normalized text in one piece, so the audio stored under the key is its own.
+                fragments, self._pending_key = [key.text], key
+            for fragment in fragments:
+                yield fragment
+            if isinstance(closing, _End):
+                return
+            if closing is not None:
+                yield closing
+                self._pending_key = None  # taken by the utterance just spoken, unless it had nothing to say
+            boundary = closing is not None
+
+    def _queued_utterance(self, first: str) -> tuple[list[str], Flush | _End | None]:
+        """`first` and the text queued behind it, up to a flush or the end (None: not queued yet)."""
+        fragments = [first]
+        while True:
+            try:
+                item = self._input.get_nowait()
+            except asyncio.QueueEmpty:
+                return fragments, None
+            if not isinstance(item, str):
+                return fragments, item
+            fragments.append(item)
+
+    def _cache_key(self, text: str) -> CacheKey | None:
+        """The key of `text` spoken from a fresh context, or None when it is not to be cached."""
+        assert self._cache is not None
+        try:
+            model = self.voice.info.model_path.stat()
+        except OSError:
+            return None
+        key = CacheKey(
+            self.voice.info.name, f"{model.st_size}:{model.st_mtime_ns}", self._style, self._speaker_id, self._seed,
+            text, self._framer.rate, self.options.frame_ms,
+        )
+        return key if 0 < len(key.text) <= self._cache.max_text_chars else None
+
+    async def _replay(self, key: CacheKey) -> bool:
+        """Speak the cached audio of `key`, if any, without the model; counts the hit or miss."""
+        assert self._cache is not None
+        cached = await self._cache.lookup(key)
+        if cached is None:
+            self.metrics.cache_misses += 1
+            return False
+        self.metrics.cache_hits += 1
+        if self.metrics.first_chunk is None:
+            self.metrics.first_chunk = time.perf_counter()
+        offset, framer = self._timeline, self._framer
+        for w in cached.words:
+            await self._output.put(WordTimestamp(self.context_id, w.word, round(offset + w.start, 4), round(offset + w.end, 4)))
+        for pcm in cached.frames():
+            frame = AudioFrame(self.context_id, framer.seq, framer.emitted_seconds, framer.rate, pcm)
+            framer.seq += 1
+            await self._emit_all([frame])
+        self._timeline = framer.emitted_seconds
+        self._reset_context()
+        return True
+
+    def _store(self, recording: _Recording) -> None:
+        """Hand a completed cacheable utterance to the cache; the context starts afresh, as after a replay."""
+        self._recording = None
+        if self._cache is not None and recording.frames:
+            framer = self._framer
+            utterance = CachedUtterance(framer.rate, framer.frame_samples, b"".join(recording.frames), tuple(recording.words))
+            self._cache.put_later(recording.key, utterance)
+        self._reset_context()
+
+    def _reset_context(self) -> None:
+        """A fresh acoustic state and decoder: where a cacheable utterance starts, and what it leaves."""
+        voice = self.voice
+        scales = self._style.scales(voice.info.defaults)
+        self._acoustic = AcousticState(voice.model, scales, self._speaker_id, self._seed, self.options.acoustic)
+        self._decoder = BlockDecoder(self._decode, voice.hop_length, self.options.blocks)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        # Speaker conditioning lives in the acoustic state, which computes it at its first step.
+        return self.voice.model.dec(latents, self._acoustic.g)
 
     async def _run(self) -> None:
         try:
@@ -215,6 +334,10 @@ class SynthesisStream:
         return _Prepared(phonemes.words, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2]))
 
     async def _speak(self, chunk: TextChunk) -> None:
+        if self._utterance_start and self._pending_key is not None:
+            self._reset_context()
+            self._recording = _Recording(self._pending_key, self._timeline)
+            self._pending_key = None
         if self.metrics.first_chunk is None:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
@@ -222,9 +345,10 @@ class SynthesisStream:
         self.metrics.acoustic_seconds.append(seconds)
         self._utterance_start = chunk.final
         if prepared is not None:
-            for event in word_timestamps(
-                self.context_id, prepared.words, prepared.durations, self._seconds_per_frame, self._timeline
-            ):
+            words = word_timestamps(self.context_id, prepared.words, prepared.durations, self._seconds_per_frame, self._timeline)
+            if self._recording is not None:
+                self._recording.add_words(words)
+            for event in words:
                 await self._output.put(event)
             self._timeline += sum(prepared.durations) * self._seconds_per_frame
             for start, end in prepared.blocks:
@@ -237,10 +361,14 @@ class SynthesisStream:
             await self._emit_all(self._framer.push(self._decoder.release()))
             await self._emit_all(self._framer.flush())
             self._timeline = self._framer.emitted_seconds
+            if self._recording is not None:
+                self._store(self._recording)
 
     async def _emit_all(self, frames: list[AudioFrame]) -> None:
         for frame in frames:
             if self.metrics.first_audio is None:
                 self.metrics.first_audio = time.perf_counter()
             self.metrics.audio_seconds += frame.duration
+            if self._recording is not None:
+                self._recording.frames.append(frame.pcm)
             await self._output.put(frame)
