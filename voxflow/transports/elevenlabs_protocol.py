@@ -1,0 +1,405 @@
+"""ElevenLabs' WebSocket input-streaming protocol as plain data, without any I/O.
+
+Covers `/v1/text-to-speech/{voice_id}/stream-input` and `.../multi-stream-input`: the query
+string, the client messages, the server messages, and the character alignment that goes with
+each audio message. The wire format follows ElevenLabs' AsyncAPI spec (elevenlabs-docs,
+fern/apis/api/asyncapi.yml) and its Python SDK's types, and was checked field by field against
+the client that matters most, Pipecat's ElevenLabsTTSService (pipecat-ai/pipecat main at commit
+acead05, v1.7.0+771: src/pipecat/services/elevenlabs/tts.py and tts_base.py).
+
+Where ElevenLabs' sources disagree, what its server and Pipecat actually use wins: durations
+are `charDurationsMs` (the spec's examples say `charsDurationsMs`), the final flag is `isFinal`
+(not `is_final`), the context is `context_id` from the client and `contextId` from the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import InvalidRequest
+from ..streaming.framing import OUTPUT_RATES
+from ..voices.styles import EXPRESSIVENESS_RANGE, SPEED_RANGE, Style
+
+# ElevenLabs puts the WebSocket close code it uses (1008, policy violation) in `code`.
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+
+INACTIVITY_TIMEOUT_DEFAULT = 20
+INACTIVITY_TIMEOUT_MAX = 180
+MAX_SEED = 4_294_967_295
+MAX_CONTEXT_ID_CHARS = 256
+# A multi-stream message without context_id addresses ElevenLabs' "default context".
+DEFAULT_CONTEXT = "default"
+
+# Audio messages: the first one goes out with whatever audio exists (latency); after that a
+# burst is cut into messages of MIN..MAX ms where a word starts, stretched up to twice MAX to
+# reach one (see AudioPacker). MAX is at least twice MIN, so no cut leaves a sliver behind.
+MIN_MESSAGE_MS = 100
+MAX_MESSAGE_MS = 200
+
+_SENTENCE_END = frozenset(".!?…。！？")
+_CLOSERS = "\"')]}»”’*_`"
+
+
+class ElevenLabsError(InvalidRequest):
+    """A client mistake, reported as {"message", "error", "code"} with ElevenLabs' error names."""
+
+    def __init__(self, message: str, *, error: str = "invalid_input_message") -> None:
+        super().__init__(message, code=error)
+
+
+# -- connection options (the query string) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    sample_rate: int
+    inactivity_timeout: int = INACTIVITY_TIMEOUT_DEFAULT  # seconds without input before a close
+    sync_alignment: bool = False  # an alignment object (maybe empty) on every audio message
+    auto_mode: bool = False  # text that ends a sentence is spoken at once (an implicit flush)
+    seed: int | None = None
+    api_key: str | None = None  # ?authorization=
+
+
+def parse_output_format(value: str | None) -> int:
+    """`pcm_<rate>` -> the sample rate. voxflow has no MP3/Opus/μ-law encoder on this path, so
+    anything else, ElevenLabs' mp3 default included, is refused rather than sent as mislabeled PCM."""
+    choices = ", ".join(f"pcm_{rate}" for rate in OUTPUT_RATES)
+    if value is None:
+        raise ElevenLabsError(
+            f"output_format is required: voxflow streams raw 16-bit PCM only, not ElevenLabs' default "
+            f"mp3_44100_128; use one of {choices}",
+            error="unsupported_output_format",
+        )
+    prefix, _, rate = value.partition("_")
+    if prefix != "pcm" or not (rate.isascii() and rate.isdigit()) or int(rate) not in OUTPUT_RATES:
+        raise ElevenLabsError(
+            f"unsupported output_format {value!r:.40}: voxflow streams raw 16-bit PCM only; use one of {choices}",
+            error="unsupported_output_format",
+        )
+    return int(rate)
+
+
+def _query_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
+    value = params.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise ElevenLabsError(f"{name} must be true or false, got {value!r:.40}", error="invalid_request")
+
+
+def _query_int(params: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise ElevenLabsError(f"{name} must be an integer from {low} to {high}, got {value!r:.40}", error="invalid_request")
+    return int(value)
+
+
+def parse_query(params: Mapping[str, str]) -> ConnectionOptions:
+    """The query parameters voxflow acts on. The rest (model_id, language_code, enable_logging,
+    enable_ssml_parsing, apply_text_normalization...) are accepted and have no effect."""
+    timeout = _query_int(params, "inactivity_timeout", 1, INACTIVITY_TIMEOUT_MAX)
+    return ConnectionOptions(
+        sample_rate=parse_output_format(params.get("output_format")),
+        inactivity_timeout=INACTIVITY_TIMEOUT_DEFAULT if timeout is None else timeout,
+        sync_alignment=_query_bool(params, "sync_alignment", False),
+        auto_mode=_query_bool(params, "auto_mode", False),
+        seed=_query_int(params, "seed", 0, MAX_SEED),
+        api_key=_bearer(params.get("authorization")),
+    )
+
+
+def _bearer(value: str | None) -> str | None:
+    """ElevenLabs' `authorization` carries a bearer token, with or without the scheme."""
+    if value is None:
+        return None
+    return value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
+
+
+# -- client messages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VoiceSettings:
+    """The voice_settings voxflow can act on; similarity_boost and use_speaker_boost have no
+    counterpart in a VITS voice and are ignored."""
+
+    stability: float | None = None  # ElevenLabs 0..1, default 0.5: higher is steadier
+    style: float | None = None  # ElevenLabs 0..1, default 0: higher is more exaggerated
+    speed: float | None = None  # ElevenLabs 0.7..1.2, default 1
+
+    def to_style(self) -> Style:
+        """speed carries over (clamped to voxflow's range). Expressiveness, which scales the
+        model's pitch and timing noise, is 1 at ElevenLabs' defaults, falls with stability
+        (stability 1 -> 0.5, 0 -> 1.5) and rises with style (style 1 adds 1), clamped to 0..2."""
+        stability = _clamp(0.5 if self.stability is None else self.stability, 0.0, 1.0)
+        exaggeration = _clamp(0.0 if self.style is None else self.style, 0.0, 1.0)
+        return Style(
+            speed=_clamp(1.0 if self.speed is None else self.speed, *SPEED_RANGE),
+            expressiveness=_clamp(1.0 + (0.5 - stability) + exaggeration, *EXPRESSIVENESS_RANGE),
+        )
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    """One client message of either endpoint; every field is optional on the wire.
+
+    text None means absent or null; "" is ElevenLabs' end of input on stream-input and a
+    keep-alive on multi-stream-input, so the two must stay apart.
+    """
+
+    text: str | None = None
+    context_id: str | None = None
+    flush: bool = False
+    close_context: bool = False
+    close_socket: bool = False
+    voice_settings: VoiceSettings | None = None
+    api_key: str | None = None
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(high, max(low, value))
+
+
+def _optional(body: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
+    value = body.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise ElevenLabsError(f"{name} must be {what}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _setting(body: Mapping[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ElevenLabsError(f"voice_settings.{name} must be a finite number, got {json.dumps(value)[:40]}")
+    return float(value)
+
+
+def _voice_settings(value: object) -> VoiceSettings | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ElevenLabsError("voice_settings must be an object")
+    return VoiceSettings(stability=_setting(value, "stability"), style=_setting(value, "style"), speed=_setting(value, "speed"))
+
+
+def parse_message(raw: str | bytes) -> ClientMessage:
+    """Parse one client frame; ElevenLabsError (invalid_input_message) says what is wrong."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ElevenLabsError("message is not valid UTF-8 JSON") from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise ElevenLabsError("could not parse the message: it must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ElevenLabsError("could not parse the message: it must be a JSON object")
+    context_id = _optional(body, "context_id", str, "a string")
+    if context_id is None:
+        context_id = _optional(body, "contextId", str, "a string")
+    if context_id is not None and not 1 <= len(context_id) <= MAX_CONTEXT_ID_CHARS:
+        raise ElevenLabsError(f"context_id must have 1 to {MAX_CONTEXT_ID_CHARS} characters")
+    api_key = _optional(body, "xi_api_key", str, "a string") or _optional(body, "xi-api-key", str, "a string")
+    return ClientMessage(
+        text=_optional(body, "text", str, "a string"),
+        context_id=context_id,
+        flush=bool(_optional(body, "flush", bool, "true or false")),
+        close_context=bool(_optional(body, "close_context", bool, "true or false")),
+        close_socket=bool(_optional(body, "close_socket", bool, "true or false")),
+        voice_settings=_voice_settings(body.get("voice_settings")),
+        api_key=api_key or _bearer(_optional(body, "authorization", str, "a string")),
+    )
+
+
+def ends_sentence(text: str) -> bool:
+    """Does this text end a sentence (closing quotes and brackets aside)? auto_mode speaks it then."""
+    stripped = text.rstrip().rstrip(_CLOSERS)
+    return bool(stripped) and stripped[-1] in _SENTENCE_END
+
+
+# -- alignment and audio messages -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Characters of one audio message, times in ms from the start of that message's audio
+    (ElevenLabs: "relative to the returned chunk ... not the full audio response"); AudioPacker
+    says when they count from earlier."""
+
+    chars: tuple[str, ...] = ()
+    start_ms: tuple[int, ...] = ()
+    duration_ms: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, list]:
+        return {"charStartTimesMs": list(self.start_ms), "charDurationsMs": list(self.duration_ms), "chars": list(self.chars)}
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    pcm: bytes  # mono PCM16 little-endian
+    alignment: Alignment
+
+
+@dataclass
+class _Char:
+    char: str
+    start: float  # seconds on the stream's timeline
+    end: float | None  # None: a space whose end is the next word's start, not known yet
+
+
+class AudioPacker:
+    """Turns one context's frames and word timestamps into audio messages with alignment.
+
+    Every word is followed by a space that lasts until the next word starts (pauses included),
+    and a word's duration is spread evenly over its characters. A character goes out with the
+    message its start falls in, its duration cut at that message's end; so the characters of
+    all messages concatenate to the spoken words, each followed by one space.
+
+    Times are in ms from the start of the message's audio, as ElevenLabs defines them, with
+    one refinement for the clients that rebuild word times from them. Those (Pipecat) keep a
+    clock that advances, per message, by the end of its last character, and only on messages
+    that complete a word (a space after a word). A message completing none (the first one,
+    sent before its word is over; a pause) would leave that clock behind for good, so the
+    next message's times count from where the clock stands instead: from the end of the last
+    message that completed a word. Cuts go where a word starts whenever a burst allows, so the
+    message before ends with a space reaching its very end; then both readings agree.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._min = sample_rate * MIN_MESSAGE_MS // 1000
+        self._max = sample_rate * MAX_MESSAGE_MS // 1000
+        self._stretch = 2 * self._max
+        self._pcm = bytearray()
+        self._start: int | None = None  # stream sample index of _pcm[0]
+        self._chars: deque[_Char] = deque()
+        self._word_starts: deque[int] = deque()  # stream sample index of each word start not yet sent
+        self._last_end = 0.0
+        self._origin_ms = 0  # where alignment times count from (see above), on the stream's timeline
+        self._in_word = False  # the characters sent so far end inside a word
+
+    @property
+    def buffered_seconds(self) -> float:
+        return len(self._pcm) / 2 / self.sample_rate
+
+    def add_word(self, word: str, start: float, end: float) -> None:
+        if not word:
+            return
+        start = max(start, self._last_end)
+        end = max(end, start)
+        if self._chars and self._chars[-1].end is None:
+            self._chars[-1].end = start
+        step = (end - start) / len(word)
+        self._chars.extend(_Char(ch, start + i * step, start + (i + 1) * step) for i, ch in enumerate(word))
+        self._chars.append(_Char(" ", end, None))
+        self._word_starts.append(round(start * self.sample_rate))
+        self._last_end = end
+
+    def add_audio(self, pts: float, pcm: bytes) -> None:
+        """Frames of a context are contiguous, so only the first one's position is needed."""
+        if self._start is None:
+            self._start = round(pts * self.sample_rate)
+        self._pcm += pcm
+
+    def take(self, final: bool = False) -> list[AudioChunk]:
+        """Everything buffered, as messages. final: the context has ended, so characters
+        with no audio left to go with (there should be none) go out with the last one."""
+        samples = len(self._pcm) // 2
+        if samples == 0 and not (final and self._chars):
+            return []
+        start = self._start or 0
+        chunks, begin = [], 0
+        for end in self._cuts(start, samples):
+            last = final and end == samples
+            pcm = bytes(self._pcm[2 * begin : 2 * end])
+            chunks.append(AudioChunk(pcm, self._align(start + begin, start + end, last)))
+            begin = end
+        del self._pcm[:]
+        self._start = start + samples
+        while self._word_starts and self._word_starts[0] < self._start:
+            self._word_starts.popleft()
+        return chunks
+
+    def _cuts(self, start: int, samples: int) -> list[int]:
+        """Where to cut `samples` buffered samples: at the last word start within MAX, else at
+        the first within the stretch, else (inside a long word or pause) at MAX. No cut leaves
+        less than MIN after it."""
+        cuts, begin = [], 0
+        while samples - begin > self._max:
+            low, high = begin + self._min, samples - self._min
+            at_words = [w - start for w in self._word_starts if low < w - start <= min(begin + self._stretch, high)]
+            within = [w for w in at_words if w <= begin + self._max]
+            if within or at_words:
+                begin = max(within) if within else min(at_words)
+            elif samples - begin <= self._stretch:
+                break
+            else:
+                begin += self._max
+            cuts.append(begin)
+        cuts.append(samples)
+        return cuts
+
+    def _align(self, begin: int, end: int, final: bool) -> Alignment:
+        t0, t1 = begin / self.sample_rate, end / self.sample_rate
+        chars, starts, durations = [], [], []
+        completes_word = False
+        # Compared in samples, rounded as the word starts are, so a cut at a word start
+        # leaves that word wholly in the next message.
+        while self._chars and (final or round(self._chars[0].start * self.sample_rate) < end):
+            c = self._chars.popleft()
+            start = min(max(c.start, t0), t1)
+            stop = t1 if c.end is None else min(max(c.end, start), t1)
+            start_ms, stop_ms = round(start * 1000), round(stop * 1000)
+            chars.append(c.char)
+            starts.append(start_ms - self._origin_ms)
+            durations.append(stop_ms - start_ms)
+            completes_word |= c.char == " " and self._in_word
+            self._in_word = c.char != " "
+        if completes_word:
+            self._origin_ms += starts[-1] + durations[-1]
+        return Alignment(tuple(chars), tuple(starts), tuple(durations))
+
+
+# -- server messages --------------------------------------------------------------------------
+
+
+def _with_context(body: dict[str, Any], context_id: str | None) -> dict[str, Any]:
+    if context_id is not None:
+        body["contextId"] = context_id
+    return body
+
+
+def audio_message(chunk: AudioChunk, context_id: str | None = None, *, sync_alignment: bool = False) -> dict[str, Any]:
+    """`normalizedAlignment` repeats `alignment`: voxflow speaks the (cleaned) text it aligns.
+    A message without characters carries null alignments, or empty ones with sync_alignment."""
+    alignment = chunk.alignment.to_json() if chunk.alignment.chars or sync_alignment else None
+    body = {
+        "audio": base64.b64encode(chunk.pcm).decode("ascii"),
+        "isFinal": False,
+        "normalizedAlignment": alignment,
+        "alignment": alignment,
+    }
+    return _with_context(body, context_id)
+
+
+def final_message(context_id: str | None = None) -> dict[str, Any]:
+    return _with_context({"isFinal": True}, context_id)
+
+
+def error_message(error: str, message: str, *, code: int = POLICY_VIOLATION, context_id: str | None = None) -> dict[str, Any]:
+    """ElevenLabs' error shape, e.g. {"message": "...", "error": "input_timeout_exceeded", "code": 1008}."""
+    return _with_context({"message": message, "error": error, "code": code}, context_id)
