@@ -241,6 +241,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _speak_remote(args: argparse.Namespace) -> dict:
+    from urllib.parse import urlsplit
+
+    from .client import AsyncVoxflowClient, Audio, Cancelled, Error, Metrics, Word
+    from .streaming.tokens import gpt_like_tokens, paced
+
+    url = args.server if urlsplit(args.server).path.strip("/") else args.server.rstrip("/") + "/v1/stream"
+    to_stdout = args.output == "-"
+    pcm = bytearray()
+    words = 0
+    metrics: Metrics | None = None
+    first_token: float | None = None
+    first_audio: float | None = None
+    started = time.perf_counter()
+    async with AsyncVoxflowClient(url, args.api_key) as client, client.context(
+        voice=args.voice, style=args.style, sample_rate=args.rate
+    ) as ctx:
+
+        async def feed() -> None:
+            nonlocal first_token
+            async for token in paced(gpt_like_tokens(args.text), args.tps):
+                first_token = first_token or time.perf_counter()
+                ctx.push(token)
+            ctx.end()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            async for event in ctx:
+                if isinstance(event, Audio):
+                    first_audio = first_audio or time.perf_counter()
+                    if to_stdout:
+                        sys.stdout.buffer.write(event.pcm)
+                        sys.stdout.buffer.flush()
+                    else:
+                        pcm += event.pcm
+                elif isinstance(event, Word):
+                    words += 1
+                elif isinstance(event, Metrics):
+                    metrics = event
+                elif isinstance(event, Error):
+                    raise VoxflowError(event.message, code=event.code)
+                elif isinstance(event, Cancelled):
+                    raise VoxflowError("the server cancelled the utterance", code="cancelled")
+        finally:
+            feeder.cancel()
+        rate = ctx.sample_rate or 0
+    if not to_stdout:
+        _write_wav(args.output, bytes(pcm), rate)
+    return {
+        "server": url,
+        "first_audio_ms": round((first_audio - first_token) * 1000, 1) if first_audio and first_token else None,
+        "audio_seconds": round(metrics.audio_seconds, 3) if metrics else None,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "words": words,
+        "sample_rate": rate,
+        "server_first_audio_ms": round(metrics.first_audio_ms, 1) if metrics and metrics.first_audio_ms is not None else None,
+        "server_rtf": round(metrics.rtf, 4) if metrics and metrics.rtf is not None else None,
+        "output": None if to_stdout else args.output,
+    }
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    figures = asyncio.run(_speak_remote(args))
+    out = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        print(json.dumps(figures), file=out)
+    else:
+        for key, value in figures.items():
+            if value is not None:
+                print(f"{key:>22}: {value}", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxflow", description="Streaming neural text-to-speech.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8765)")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    speak = sub.add_parser("speak", help="stream text as LLM-like tokens to a voxflow server (WebSocket)")
+    speak.add_argument("text", help="text to speak")
+    speak.add_argument("--server", default="ws://127.0.0.1:8765", help="ws://HOST:PORT, optionally with the path (default /v1/stream)")
+    speak.add_argument("-o", "--output", required=True, help="WAV file to write, or '-' for raw PCM on stdout")
+    speak.add_argument("--api-key", default=os.environ.get("VOXFLOW_API_KEY"), help="API key (default $VOXFLOW_API_KEY)")
+    speak.add_argument("--voice", help="voice name (default: the server's)")
+    speak.add_argument("--style", choices=sorted(PRESETS), help="style preset (default neutral)")
+    speak.add_argument("--rate", type=int, help="output sample rate (default: the voice's)")
+    speak.add_argument("--tps", type=float, default=50.0, help="tokens per second (default 50)")
+    speak.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    speak.set_defaults(func=cmd_speak)
 
     voices = sub.add_parser("voices", help="list voices")
     voices.add_argument("--json", action="store_true")
