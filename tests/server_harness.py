@@ -41,7 +41,7 @@ class RunningServer:
 def run_server(engine: Engine, **server_options) -> Iterator[RunningServer]:
     """Serve `engine` with ServerConfig(**server_options) until the block exits."""
     port = free_port()
-    server_cfg = replace(ServerConfig(), port=port, cache_enabled=False, **server_options)
+    server_cfg = replace(ServerConfig(), **{"port": port, "cache_enabled": False, **server_options})
     app = create_app(Settings(engine=engine.config, server=server_cfg), engine=engine)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", ws="websockets-sansio", lifespan="on", log_level="warning")
     server = uvicorn.Server(config)

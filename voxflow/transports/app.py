@@ -1,7 +1,8 @@
 """The voxflow server: one ASGI app carrying every HTTP and WebSocket endpoint.
 
 Voices are loaded and warmed in the lifespan before the server reports ready, so the first
-request is as fast as the hundredth.
+request is as fast as the hundredth; the warm-up phrases are spoken into the audio cache then
+too, so their first request is already a replay.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -18,11 +20,16 @@ from fastapi.responses import JSONResponse, Response
 
 from ..config import Settings
 from ..errors import VoxflowError
+from ..streaming.audio_cache import AudioCache
 from ..streaming.engine import Engine
+from ..streaming.events import StreamEnd
 from .auth import RateLimiter
 from .contexts import ContextSet
+from .elevenlabs_ws import install as install_elevenlabs
 from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
+from .native_ws import install as install_native
+from .openai_http import install as install_openai
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,6 +65,39 @@ class ServerState:
         await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), return_exceptions=True)
 
 
+def _open_cache(path: Path, max_bytes: int) -> AudioCache:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return AudioCache(path, max_bytes)
+
+
+async def _start_cache(state: ServerState) -> AudioCache | None:
+    """Attach the configured audio cache to the engine and speak the warm-up phrases into it.
+
+    Returns the cache this server opened, to close at shutdown; an engine that came with a
+    cache of its own keeps it. A cache that cannot be opened leaves the server uncached.
+    """
+    server, engine = state.settings.server, state.engine
+    opened = None
+    if server.cache_enabled and engine.cache is None:
+        path = Path(server.cache_path).expanduser()
+        try:
+            opened = await asyncio.get_running_loop().run_in_executor(None, _open_cache, path, server.cache_max_mb * 2**20)
+        except Exception:
+            _LOGGER.exception("audio cache %s cannot be opened; serving without it", path)
+        engine.cache = opened
+    if engine.cache is not None:
+        # Default voice, style, seed and output format: what a request that names none gets.
+        for phrase in server.warmup_phrases:
+            stream = engine.open_stream()
+            await stream.push(phrase)
+            await stream.end()
+            async for event in stream:
+                if isinstance(event, StreamEnd) and event.reason != "done":
+                    _LOGGER.warning("warm-up phrase %r failed: %s", phrase, event.message)
+        await engine.cache.settle()
+    return opened
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     state = ServerState(settings, engine or Engine(settings.engine))
 
@@ -66,6 +106,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         voices = {settings.engine.voice}
         for name in voices:
             await state.engine.warm_up(name)
+        cache = await _start_cache(state)
         state.ready = True
         _LOGGER.info("voxflow ready with voices %s", ", ".join(sorted(voices)))
         try:
@@ -73,6 +114,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             state.draining = True
             await asyncio.gather(*(c.close() for c in list(state.connections)), return_exceptions=True)
+            if cache is not None:
+                state.engine.cache = None
+                await asyncio.get_running_loop().run_in_executor(None, cache.close)
             if engine is None:
                 await asyncio.get_running_loop().run_in_executor(None, state.engine.close)
 
@@ -110,6 +154,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     # Wire protocols: each module adds its routes on top of the shared state.
     # (one `install(app, state)` call per protocol module, in this block)
+    install_native(app, state)
+    install_openai(app, state)
+    install_elevenlabs(app, state)
 
     @app.exception_handler(VoxflowError)
     async def voxflow_error(request: Request, exc: VoxflowError) -> JSONResponse:

@@ -88,8 +88,6 @@ class ContextSet:
         )
         context = _Context(stream, asyncio.get_running_loop().create_task(self._pump(stream), name=f"voxflow-pump-{request.context_id}"))
         self._contexts[request.context_id] = context
-        if self.metrics:
-            self.metrics.active_streams.inc()
         return stream
 
     def stream(self, context_id: str) -> SynthesisStream:
@@ -123,14 +121,17 @@ class ContextSet:
         for context in contexts:
             context.stream.cancel()
             context.pump.cancel()
-        for context in contexts:
-            with contextlib.suppress(asyncio.CancelledError):
-                await context.pump
-            await context.stream.aclose()
+        # One pump failing must not keep the others' streams from being closed.
+        await asyncio.gather(*(c.pump for c in contexts), return_exceptions=True)
+        await asyncio.gather(*(c.stream.aclose() for c in contexts), return_exceptions=True)
 
     async def _pump(self, stream: SynthesisStream) -> None:
         context = None
         reason, code = "done", ""
+        # Counted here, not in open(): a pump cancelled before its first step never runs its
+        # finally, and the gauge must come back down exactly as often as it went up.
+        if self.metrics:
+            self.metrics.active_streams.inc()
         try:
             async for event in stream:
                 context = context or self._contexts.get(stream.context_id)

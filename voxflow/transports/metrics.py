@@ -49,6 +49,8 @@ class ServerMetrics:
             self.first_block.observe(metrics.first_block_seconds)
         if metrics.first_text is not None and first_sent is not None:
             self.first_frame_sent.observe(first_sent - metrics.first_text)
+        self.cache_hits.inc(metrics.cache_hits)
+        self.cache_misses.inc(metrics.cache_misses)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
