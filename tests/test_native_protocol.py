@@ -405,3 +405,15 @@ def test_the_client_direction_does_not_need_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("flags", [{}, {"flush": True}, {"end": True}, {"flush": True, "end": True}])
+def test_text_flags_round_trip(flags):
+    msg = Text(context="c", text="One moment, please.", **flags)
+    assert parse_client(serialize_client(msg)) == msg
+
+
+def test_text_flags_must_be_booleans():
+    with pytest.raises(ProtocolError) as err:
+        parse_client('{"type": "text", "context": "c", "text": "hi", "end": 1}')
+    assert err.value.code == "invalid_request"

@@ -465,3 +465,17 @@ async def test_drain_cuts_contexts_at_the_end_of_the_grace_period(engine):
         assert code == 1001
         assert not any(isinstance(e, (Done, Metrics)) for e in events + rest)
         await wait_for(lambda: _nothing_left(srv))
+
+
+async def test_text_with_end_speaks_a_whole_utterance_in_one_message(server):
+    async with asyncio.timeout(60):
+        async with connect(f"{server.ws}/v1/stream", max_size=None) as ws:
+            await ws.recv()  # ready
+            await ws.send(serialize_client(Text(context="w", text="One whole phrase.", end=True)))
+            kinds = []
+            async for data in ws:
+                msg = parse_server(data)
+                kinds.append(type(msg).__name__)
+                if isinstance(msg, Done):
+                    break
+    assert kinds[0] == "Started" and "AudioPacket" in kinds and kinds[-1] == "Done"

@@ -118,6 +118,8 @@ class Text:
     type: ClassVar[str] = "text"
     context: str
     text: str
+    flush: bool = False  # flush right after this text
+    end: bool = False  # end the context right after this text (a whole utterance in one message)
 
     def __post_init__(self) -> None:
         _check_context(self.context)
@@ -303,11 +305,12 @@ def _dumps(msg: Any) -> str:
 
 def _to_json(obj: Any) -> Any:
     if is_dataclass(obj):
-        # An optional field left at None is omitted; a required one that may be null is kept.
+        # An optional field left at its default (None, or a flag left off) is omitted; a
+        # required field that may be null is kept.
         return {
             f.name: _to_json(getattr(obj, f.name))
             for f in fields(obj)
-            if not (getattr(obj, f.name) is None and f.default is None)
+            if not (f.default in (None, False) and getattr(obj, f.name) is f.default)
         }
     if isinstance(obj, tuple):
         return [_to_json(item) for item in obj]
@@ -375,6 +378,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             return None
     elif hint is str:
         if isinstance(value, str):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

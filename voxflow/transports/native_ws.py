@@ -164,6 +164,12 @@ class _Connection:
                 if context not in self.contexts:
                     await self._open(Start(context), identity)
                 await self.contexts.push(context, text)
+                # Queued together with the text, so a canned phrase reaches the stream whole
+                # (which is what lets the audio cache answer it).
+                if msg.end:
+                    await self.contexts.end(context)
+                elif msg.flush:
+                    await self.contexts.flush(context)
             case Flush(context=context):
                 await self.contexts.flush(context)
             case End(context=context):
