@@ -24,14 +24,18 @@ class EngineConfig:
     voice_dirs: tuple[Path, ...] = ()  # extra directories of Piper voices (*.onnx + *.onnx.json)
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     half: bool = False  # float16 weights (GPU only)
-    threads: int = 0  # torch intra-op threads; 0 = one per core
-    workers: int = 1  # synthesis worker threads sharing the model(s)
+    threads: int = 0  # torch intra-op threads per worker; 0 = auto (see layout)
+    workers: int = 0  # compute threads sharing the model(s); 0 = auto (see layout)
     seed: int = 0  # default noise seed per stream: the same text and seed give the same audio
     max_text_chars: int = 100_000  # text one stream may receive
 
-    @property
-    def torch_threads(self) -> int:
-        return self.threads or _cores()
+    def layout(self, concurrent: bool) -> tuple[int, int]:
+        """(workers, threads per worker). Auto: a server (concurrent) runs one single-threaded
+        worker per core, which gives the most streams in real time; a single job (a CLI call)
+        gets one worker using every core, which gives the fastest single rendering."""
+        cores = _cores()
+        workers = self.workers or (cores if concurrent else 1)
+        return workers, self.threads or max(1, cores // workers)
 
 
 @dataclass(frozen=True)

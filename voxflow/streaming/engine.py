@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -24,6 +23,7 @@ from .alignment import word_timestamps
 from .audio_cache import AudioCache
 from .chunker import ChunkerOptions, TextChunker
 from .decoder_blocks import BlockDecoder, BlockOptions
+from .scheduler import DeadlineExecutor
 from .events import WordTimestamp
 from .stream import StreamOptions, SynthesisStream
 
@@ -54,20 +54,23 @@ class Engine:
     Keeping torch off every other thread is a speed matter, not only a loop-latency one: each
     Python thread that runs torch ops gets its own OpenMP team, and once there are more team
     threads than cores libgomp throttles its spinning for all of them, which doubled the time
-    of every op here. One worker with all cores as intra-op threads is the default; with
-    several workers, give each one thread (threads=1).
+    of every op here. So the layout keeps workers x threads at the core count: one worker
+    using every core for a single job, or one single-threaded worker per core when many streams
+    run at once (`concurrent`, what a server expects; see EngineConfig.layout). Jobs run
+    earliest-deadline-first (scheduler.py).
     """
 
-    def __init__(self, config: EngineConfig = EngineConfig(), cache: AudioCache | None = None) -> None:
+    def __init__(self, config: EngineConfig = EngineConfig(), cache: AudioCache | None = None, *, concurrent: bool = False) -> None:
         self.config = config
         # Streams opened from then on use it; may be set later (the server attaches its own).
         self.cache = cache
         self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half)
-        self._executor = ThreadPoolExecutor(
-            max(1, config.workers),
+        workers, threads = config.layout(concurrent)
+        self._executor = DeadlineExecutor(
+            workers,
             thread_name_prefix="voxflow-synth",
             initializer=torch.set_num_threads,
-            initargs=(config.torch_threads,),
+            initargs=(threads,),
         )
         self._ids = itertools.count()
 

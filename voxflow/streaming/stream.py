@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import AsyncIterator, Callable, TypeVar
 
 import torch
@@ -40,8 +38,13 @@ from .chunker import FLUSH, ChunkerOptions, Flush, TextChunk, chunk_stream
 from .decoder_blocks import BlockDecoder, BlockOptions
 from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
+from .scheduler import DeadlineExecutor
 
 _LOGGER = logging.getLogger(__name__)
+# How soon a new stream's first audio is due, in the compute threads' earliest-deadline order:
+# long enough that streams already playing keep their next block on time, short enough that a
+# new listener hears the first words quickly.
+FIRST_AUDIO_BUDGET = 0.2
 T = TypeVar("T")
 
 
@@ -117,7 +120,7 @@ class SynthesisStream:
         speaker: str | int | None,
         seed: int,
         options: StreamOptions,
-        executor: Executor,
+        executor: DeadlineExecutor,
         cache: AudioCache | None = None,
     ) -> None:
         self.context_id = context_id
@@ -318,9 +321,21 @@ class SynthesisStream:
     def _fail(self, code: str, message: str) -> None:
         self._finish(StreamEnd(self.context_id, "error", code, message))
 
+    def _deadline(self) -> float:
+        """When a real-time listener needs the audio the next job will produce.
+
+        Before the first audio: FIRST_AUDIO_BUDGET after the text arrived. After it: the
+        play-out time of the next frame, taking playback to have started with the first frame.
+        """
+        m = self.metrics
+        if m.first_audio is None:
+            return (m.first_chunk or time.perf_counter()) + FIRST_AUDIO_BUDGET
+        return m.first_audio + m.audio_seconds
+
     async def _compute(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run fn on the compute thread; returns its result and the seconds it took there."""
-        result, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, partial(_timed, fn, *args))
+        job = self._executor.submit_by(self._deadline(), _timed, fn, *args)
+        result, seconds = await asyncio.wrap_future(job)
         self.metrics.compute_seconds += seconds
         return result, seconds
 

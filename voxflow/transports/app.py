@@ -99,7 +99,7 @@ async def _start_cache(state: ServerState) -> AudioCache | None:
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    state = ServerState(settings, engine or Engine(settings.engine))
+    state = ServerState(settings, engine or Engine(settings.engine, concurrent=True))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
