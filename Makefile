@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxflow-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: the server on the default voice (it prints its URL; Ctrl-C or SIGTERM stops it).
 run: setup
+	$(VENV)/bin/voxflow serve
+
+# Speak demos/paragraph.txt through the streaming path into demo.wav, printing the latency.
+demo: setup
 	$(VENV)/bin/voxflow say --stream --tps 50 --file demos/paragraph.txt -o demo.wav
 
 test: setup
@@ -25,6 +30,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/server.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis demo.wav
