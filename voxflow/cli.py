@@ -29,6 +29,17 @@ def _process_age_seconds() -> float:
         return float("nan")
 
 
+def _print_figures(figures: dict, as_json: bool, out) -> None:
+    """One JSON object for scripts, or aligned `name: value` lines for people."""
+    if as_json:
+        print(json.dumps(figures), file=out)
+        return
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        if value is not None:
+            print(f"{key:>{width}}: {value}", file=out)
+
+
 def _peak_rss_mb() -> float:
     """High-water resident memory of this process image.
 
@@ -197,13 +208,7 @@ def cmd_say(args: argparse.Namespace) -> int:
             figures = _say_whole(args, engine, text)
     finally:
         engine.close()
-    out = sys.stderr if from_stdin else sys.stdout
-    if args.json:
-        print(json.dumps(figures), file=out)
-    else:
-        for key, value in figures.items():
-            if value is not None:
-                print(f"{key:>26}: {value}", file=out)
+    _print_figures(figures, args.json, sys.stderr if from_stdin else sys.stdout)
     return 0
 
 
@@ -304,13 +309,7 @@ async def _speak_remote(args: argparse.Namespace) -> dict:
 
 def cmd_speak(args: argparse.Namespace) -> int:
     figures = asyncio.run(_speak_remote(args))
-    out = sys.stderr if args.output == "-" else sys.stdout
-    if args.json:
-        print(json.dumps(figures), file=out)
-    else:
-        for key, value in figures.items():
-            if value is not None:
-                print(f"{key:>22}: {value}", file=out)
+    _print_figures(figures, args.json, sys.stderr if args.output == "-" else sys.stdout)
     return 0
 
 

@@ -633,21 +633,8 @@ class VoxflowClient:
     Takes the same arguments as AsyncVoxflowClient. Use it as a context manager or call close().
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        api_key: str | None = None,
-        *,
-        connect_timeout: float = 10,
-        max_retries: int = 5,
-        backoff_initial: float = 0.2,
-        backoff_max: float = 5.0,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-    ) -> None:
-        self._client = AsyncVoxflowClient(
-            url, api_key, connect_timeout=connect_timeout, max_retries=max_retries,
-            backoff_initial=backoff_initial, backoff_max=backoff_max, queue_size=queue_size,
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._client = AsyncVoxflowClient(*args, **kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="voxflow-client-loop", daemon=True)
         self._thread.start()
