@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxflow-installed
 PYTEST_ARGS ?=
+# Debian packages the tests drive for real: Chromium for the browser end-to-end tests.
+SYSTEM_PACKAGES := chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run demo test bench clean
+.PHONY: setup system-packages run demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +20,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 # The main job: the server on the default voice (it prints its URL; Ctrl-C or SIGTERM stops it).
 run: setup
 	$(VENV)/bin/voxflow serve
@@ -25,7 +36,7 @@ run: setup
 demo: setup
 	$(VENV)/bin/voxflow say --stream --tps 50 --file demos/paragraph.txt -o demo.wav
 
-test: setup
+test: setup system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

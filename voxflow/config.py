@@ -55,6 +55,10 @@ class ServerConfig:
     cache_max_mb: int = 256
     warmup_phrases: tuple[str, ...] = ("Hello!", "One moment, please.", "Sorry, I didn't catch that.")
     voice_aliases: tuple[str, ...] = ()  # "alloy=en_US-joe-medium" pairs; unnamed OpenAI voices map to the default voice
+    ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs; none by default (no public STUN server)
+    webrtc_loopback: bool = False  # offer 127.0.0.1 ICE candidates (tests, single-host demos)
+    max_webrtc_sessions: int = 16
+    webrtc_idle_timeout_seconds: float = 30.0  # a session whose peer has gone quiet is closed
 
     @property
     def loopback(self) -> bool:
@@ -68,7 +72,7 @@ class Settings:
 
 
 _ENV_PREFIX = "VOXFLOW_"
-_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases"}
+_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases", "ice_servers"}
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
