@@ -30,6 +30,7 @@ from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
+from .webrtc_http import install as install_webrtc
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.server.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["authorization", "content-type", "xi-api-key"],
         )
     install_error_handlers(app)
@@ -157,6 +158,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_native(app, state)
     install_openai(app, state)
     install_elevenlabs(app, state)
+    install_webrtc(app, state)
 
     @app.exception_handler(VoxflowError)
     async def voxflow_error(request: Request, exc: VoxflowError) -> JSONResponse:

@@ -1,14 +1,14 @@
 """The native streaming endpoint, `/v1/stream` (docs/protocol.md): socket <-> ContextSet.
 
-The protocol itself lives in native_protocol and the contexts in ContextSet; this module only
-admits connections, turns frames into ContextSet calls and events into frames.
+The protocol itself lives in native_protocol, its server side in native_dispatch (shared with
+the WebRTC data channel) and the contexts in ContextSet; this module only admits connections
+and moves frames between the socket and the dispatcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, WebSocket
@@ -17,44 +17,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from ..errors import VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
 from .auth import check_key, presented_key
-from .contexts import ContextRequest, ContextSet
-from .native_protocol import (
-    Cancel,
-    Cancelled,
-    Done,
-    End,
-    Error,
-    Flush,
-    Limits,
-    Metrics,
-    Ping,
-    Pong,
-    ProtocolError,
-    Ready,
-    ServerMessage,
-    Start,
-    Started,
-    Text,
-    Word,
-    pack_audio,
-    parse_client,
-    serialize_server,
-)
+from .contexts import ContextSet
+from .native_dispatch import Disconnected, NativeDispatch
+from .native_protocol import ServerMessage, Word, pack_audio, serialize_server
 
 if TYPE_CHECKING:
     from .app import ServerState  # app imports this module to install it
 
-_LOGGER = logging.getLogger(__name__)
-
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
-
-
-class _Disconnected(VoxflowError):
-    """The socket can no longer carry frames. A VoxflowError, so a pump ends quietly on it."""
-
-    code = "disconnected"
 
 
 class _Contexts(ContextSet):
@@ -81,9 +53,9 @@ class _Connection:
         self.state = state
         self.config = state.settings.server
         self._send_lock = asyncio.Lock()
-        self._cancelled: set[str] = set()  # contexts whose remaining audio must not go out
         self._notices: set[asyncio.Task[None]] = set()
         self.contexts = _Contexts(self, state)
+        self.dispatch = NativeDispatch(state, self.contexts, self._reply)
 
     async def run(self) -> None:
         key = presented_key(self.ws.headers) or self.ws.query_params.get("api_key")
@@ -108,7 +80,7 @@ class _Connection:
                 return
             self.state.connections.add(self.contexts)
             try:
-                await self._reply(self._ready())
+                await self._reply(self.dispatch.ready())
                 await self._receive_loop(identity)
             finally:
                 self.state.connections.discard(self.contexts)
@@ -116,19 +88,8 @@ class _Connection:
                 for task in self._notices:
                     task.cancel()
                 await asyncio.gather(*self._notices, return_exceptions=True)
-        except _Disconnected:
+        except Disconnected:
             pass
-
-    def _ready(self) -> Ready:
-        return Ready(
-            voices=tuple(info.name for info in self.state.engine.voices.infos()),
-            default_voice=self.state.settings.engine.voice,
-            limits=Limits(
-                max_contexts=self.config.max_contexts_per_socket,
-                max_message_chars=self.config.max_message_chars,
-                max_context_chars=self.state.engine.config.max_text_chars,
-            ),
-        )
 
     async def _receive_loop(self, identity: str) -> None:
         while True:
@@ -136,82 +97,13 @@ class _Connection:
             if frame["type"] == "websocket.disconnect":
                 return
             text = frame.get("text")
-            if text is not None and len(text) > self.config.max_message_chars:
-                await self._error(None, VoxflowError(
-                    f"message of {len(text)} characters; at most {self.config.max_message_chars}", code="limit_exceeded"
-                ))
-                continue
-            try:
-                msg = parse_client(text if text is not None else frame.get("bytes", b""))
-            except ProtocolError as exc:
-                await self._error(exc.context, exc)
-                continue
-            try:
-                await self._dispatch(msg, identity)
-            except _Disconnected:
-                raise
-            except VoxflowError as exc:
-                await self._error(getattr(msg, "context", None), exc)
-            except Exception:  # one bad message must not take the other contexts down
-                _LOGGER.exception("native stream: %s failed", msg.type)
-                await self._error(getattr(msg, "context", None), VoxflowError("internal error", code="internal_error"))
-
-    async def _dispatch(self, msg: Start | Text | Flush | End | Cancel | Ping, identity: str) -> None:
-        match msg:
-            case Start():
-                await self._open(msg, identity)
-            case Text(context=context, text=text):
-                if context not in self.contexts:
-                    await self._open(Start(context), identity)
-                await self.contexts.push(context, text)
-                # Queued together with the text, so a canned phrase reaches the stream whole
-                # (which is what lets the audio cache answer it).
-                if msg.end:
-                    await self.contexts.end(context)
-                elif msg.flush:
-                    await self.contexts.flush(context)
-            case Flush(context=context):
-                await self.contexts.flush(context)
-            case End(context=context):
-                await self.contexts.end(context)
-            case Cancel(context=context):
-                # A stream that already finished ignores the cancel and still delivers its
-                # queued audio and `done`; none of that may be held back then.
-                finished = self.contexts.stream(context).done
-                self.contexts.cancel(context)
-                if not finished:
-                    self._cancelled.add(context)
-            case Ping(id=ping_id):
-                await self._reply(Pong(ping_id))
-
-    async def _open(self, msg: Start, identity: str) -> None:
-        if self.state.draining:
-            raise VoxflowError("the server is shutting down; no new contexts", code="draining")
-        self.state.limiter.check(identity)
-        stream = self.contexts.open(ContextRequest(
-            msg.context,
-            voice=self.state.voice_for(msg.voice),
-            style=msg.resolved_style(),
-            speaker=msg.speaker,
-            seed=msg.seed,
-            sample_rate=msg.sample_rate,
-            frame_ms=msg.frame_ms,
-        ))
-        # Sent before the next message is read, hence before any event of this context.
-        await self._reply(Started(
-            msg.context,
-            voice=stream.voice.info.name,
-            sample_rate=msg.sample_rate or stream.voice.sample_rate,
-            encoding=msg.encoding,
-            frame_ms=msg.frame_ms,
-        ))
+            await self.dispatch.receive(text if text is not None else frame.get("bytes", b""), identity)
 
     async def deliver(self, event: StreamEvent) -> None:
         """ContextSet's callback; it bounds the time this may take (send_timeout)."""
         if isinstance(event, StreamEnd):
-            self._cancelled.discard(event.context_id)
             await self._deliver_end(event)
-        elif event.context_id not in self._cancelled:
+        elif event.context_id not in self.dispatch.cancelled:
             if isinstance(event, AudioFrame):
                 await self._send(pack_audio(event.context_id, event.seq, event.pts, event.pcm))
             else:
@@ -219,29 +111,18 @@ class _Connection:
 
     async def _deliver_end(self, event: StreamEnd) -> None:
         context = event.context_id
-        if event.reason == "done":
-            # One send, so no other context's frame comes between metrics and done.
-            await self._send(serialize_server(self._metrics(context)), serialize_server(Done(context)))
-        elif event.reason == "cancelled":
-            await self._send(serialize_server(Cancelled(context)))
-        elif event.code == "slow_consumer":
+        messages = self.dispatch.end_messages(event)
+        if event.code == "slow_consumer":
             # The socket is stalled, so this notice could not go out within ContextSet's bound
             # and would be lost, leaving the client waiting for the context forever. It waits
             # for the client to read again in a task the connection owns.
-            notice = serialize_server(Error(context, event.code, event.message))
+            notice = serialize_server(messages[0])
             task = asyncio.get_running_loop().create_task(self._send_quietly(notice), name=f"voxflow-notice-{context}")
             self._notices.add(task)
             task.add_done_callback(self._notices.discard)
         else:
-            await self._send(serialize_server(Error(context, event.code, event.message)))
-
-    def _metrics(self, context: str) -> Metrics:
-        m = self.contexts.stream(context).metrics
-        first_audio_ms = None
-        if m.first_text is not None and m.first_audio is not None:
-            first_audio_ms = round((m.first_audio - m.first_text) * 1000, 1)
-        rtf = round(m.compute_seconds / m.audio_seconds, 4) if m.audio_seconds > 0 else None
-        return Metrics(context, first_audio_ms, rtf, round(m.audio_seconds, 3))
+            # One send, so no other context's frame comes between metrics and done.
+            await self._send(*(serialize_server(msg) for msg in messages))
 
     async def _send(self, *frames: str | bytes) -> None:
         """Frames go out whole and together: one lock per socket, shared by every context."""
@@ -253,10 +134,10 @@ class _Connection:
                     else:
                         await self.ws.send_text(frame)
             except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
-                raise _Disconnected("the connection is closed") from exc
+                raise Disconnected("the connection is closed") from exc
 
     async def _send_quietly(self, frame: str) -> None:
-        with contextlib.suppress(_Disconnected):
+        with contextlib.suppress(Disconnected):
             await self._send(frame)
 
     async def _reply(self, msg: ServerMessage) -> None:
@@ -266,14 +147,10 @@ class _Connection:
             async with asyncio.timeout(self.config.send_timeout_seconds):
                 await self._send(serialize_server(msg))
         except TimeoutError:
-            raise _Disconnected("the client stopped reading") from None
-
-    async def _error(self, context: str | None, exc: VoxflowError) -> None:
-        self.state.metrics.errors.labels(exc.code).inc()
-        await self._reply(Error(context, exc.code, str(exc)))
+            raise Disconnected("the client stopped reading") from None
 
     async def _refuse(self, exc: VoxflowError, close_code: int) -> None:
-        await self._error(None, exc)
+        await self.dispatch.error(None, exc)
         await self.close(close_code, exc.code)
 
     async def close(self, code: int, reason: str) -> None:

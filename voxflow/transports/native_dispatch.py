@@ -1,0 +1,180 @@
+"""The native protocol's server side, whatever carries its messages (a WebSocket, a WebRTC
+data channel): client frames -> ContextSet calls, with errors answered as `error` messages.
+
+A carrier supplies `reply` (one server message out, raising Disconnected once it cannot) and
+its own `deliver` for the ContextSet, which uses `cancelled` and `end_messages` from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from ..errors import VoxflowError
+from ..streaming.events import StreamEnd
+from .contexts import ContextRequest, ContextSet
+from .native_protocol import (
+    Cancel,
+    Cancelled,
+    ClientMessage,
+    Done,
+    End,
+    Error,
+    Flush,
+    Limits,
+    Metrics,
+    Ping,
+    Pong,
+    ProtocolError,
+    Ready,
+    ServerMessage,
+    Start,
+    Started,
+    Text,
+    parse_client,
+)
+
+if TYPE_CHECKING:
+    from .app import ServerState
+
+_LOGGER = logging.getLogger(__name__)
+
+Reply = Callable[[ServerMessage], Awaitable[None]]
+
+
+class Disconnected(VoxflowError):
+    """The carrier can no longer take messages. A VoxflowError, so a pump ends quietly on it."""
+
+    code = "disconnected"
+
+
+class NativeDispatch:
+    """One connection's protocol state: its contexts and the contexts whose audio is withheld.
+
+    sample_rate / frame_ms, when given, fix every context's output format (a carrier with an
+    audio path of its own); `started` reports what is actually produced.
+    """
+
+    def __init__(
+        self,
+        state: ServerState,
+        contexts: ContextSet,
+        reply: Reply,
+        *,
+        sample_rate: int | None = None,
+        frame_ms: int | None = None,
+    ) -> None:
+        self.state = state
+        self.contexts = contexts
+        self.reply = reply
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms
+        self.cancelled: set[str] = set()  # contexts whose remaining audio must not go out
+
+    def ready(self) -> Ready:
+        config = self.state.settings.server
+        return Ready(
+            voices=tuple(info.name for info in self.state.engine.voices.infos()),
+            default_voice=self.state.settings.engine.voice,
+            limits=Limits(
+                max_contexts=self.contexts.max_contexts,
+                max_message_chars=config.max_message_chars,
+                max_context_chars=self.state.engine.config.max_text_chars,
+            ),
+        )
+
+    async def receive(self, data: str | bytes, identity: str) -> None:
+        """One client frame; whatever is wrong with it is answered with `error`, not raised."""
+        limit = self.state.settings.server.max_message_chars
+        if isinstance(data, str) and len(data) > limit:
+            await self.error(None, VoxflowError(f"message of {len(data)} characters; at most {limit}", code="limit_exceeded"))
+            return
+        try:
+            msg = parse_client(data)
+        except ProtocolError as exc:
+            await self.error(exc.context, exc)
+            return
+        try:
+            await self.handle(msg, identity)
+        except Disconnected:
+            raise
+        except VoxflowError as exc:
+            await self.error(getattr(msg, "context", None), exc)
+        except Exception:  # one bad message must not take the other contexts down
+            _LOGGER.exception("native protocol: %s failed", msg.type)
+            await self.error(getattr(msg, "context", None), VoxflowError("internal error", code="internal_error"))
+
+    async def handle(self, msg: ClientMessage, identity: str) -> None:
+        match msg:
+            case Start():
+                await self._open(msg, identity)
+            case Text(context=context, text=text):
+                if context not in self.contexts:
+                    await self._open(Start(context), identity)
+                await self.contexts.push(context, text)
+                # Queued together with the text, so a canned phrase reaches the stream whole
+                # (which is what lets the audio cache answer it).
+                if msg.end:
+                    await self.contexts.end(context)
+                elif msg.flush:
+                    await self.contexts.flush(context)
+            case Flush(context=context):
+                await self.contexts.flush(context)
+            case End(context=context):
+                await self.contexts.end(context)
+            case Cancel(context=context):
+                # A stream that already finished ignores the cancel and still delivers its
+                # queued audio and `done`; none of that may be held back then.
+                finished = self.contexts.stream(context).done
+                self.contexts.cancel(context)
+                if not finished:
+                    self.cancelled.add(context)
+            case Ping(id=ping_id):
+                await self.reply(Pong(ping_id))
+
+    async def _open(self, msg: Start, identity: str) -> None:
+        if self.state.draining:
+            raise VoxflowError("the server is shutting down; no new contexts", code="draining")
+        self.state.limiter.check(identity)
+        sample_rate = self.sample_rate or msg.sample_rate
+        frame_ms = self.frame_ms or msg.frame_ms
+        stream = self.contexts.open(ContextRequest(
+            msg.context,
+            voice=self.state.voice_for(msg.voice),
+            style=msg.resolved_style(),
+            speaker=msg.speaker,
+            seed=msg.seed,
+            sample_rate=sample_rate,
+            frame_ms=frame_ms,
+        ))
+        # Sent before the next message is read, hence before any event of this context.
+        await self.reply(Started(
+            msg.context,
+            voice=stream.voice.info.name,
+            sample_rate=sample_rate or stream.voice.sample_rate,
+            encoding=msg.encoding,
+            frame_ms=frame_ms,
+        ))
+
+    def end_messages(self, event: StreamEnd) -> tuple[ServerMessage, ...]:
+        """What a context's end becomes; a carrier sends them together (nothing between
+        metrics and done). Clears the context's withheld mark, as its id may be reused."""
+        self.cancelled.discard(event.context_id)
+        context = event.context_id
+        if event.reason == "done":
+            return self.metrics(context), Done(context)
+        if event.reason == "cancelled":
+            return (Cancelled(context),)
+        return (Error(context, event.code, event.message),)
+
+    def metrics(self, context: str) -> Metrics:
+        m = self.contexts.stream(context).metrics
+        first_audio_ms = None
+        if m.first_text is not None and m.first_audio is not None:
+            first_audio_ms = round((m.first_audio - m.first_text) * 1000, 1)
+        rtf = round(m.compute_seconds / m.audio_seconds, 4) if m.audio_seconds > 0 else None
+        return Metrics(context, first_audio_ms, rtf, round(m.audio_seconds, 3))
+
+    async def error(self, context: str | None, exc: VoxflowError) -> None:
+        self.state.metrics.errors.labels(exc.code).inc()
+        await self.reply(Error(context, exc.code, str(exc)))
