@@ -25,7 +25,6 @@ from voxflow.transports.native_protocol import (
     Cancel,
     Cancelled,
     Done,
-    End,
     Error,
     Metrics,
     Ping,

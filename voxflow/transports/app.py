@@ -30,6 +30,7 @@ from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
+from .web_page import install as install_web_page
 from .webrtc_http import install as install_webrtc
 
 _LOGGER = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_openai(app, state)
     install_elevenlabs(app, state)
     install_webrtc(app, state)
+    install_web_page(app, state)  # the browser demo at /
 
     @app.exception_handler(VoxflowError)
     async def voxflow_error(request: Request, exc: VoxflowError) -> JSONResponse:
