@@ -238,7 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.config,
         engine={"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
                 "threads": args.threads, "seed": args.seed},
-        server={"host": args.host, "port": args.port},
+        server={"host": args.host, "port": args.port, "mqtt_url": args.mqtt, "wyoming_url": args.wyoming},
     )
     print(f"voxflow serving on http://{settings.server.host}:{settings.server.port} "
           f"(WebSocket ws://{settings.server.host}:{settings.server.port}/v1/stream, docs /docs)", flush=True)
@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; others need API keys)")
     serve.add_argument("--port", type=int, help="port (default 8765)")
+    serve.add_argument("--mqtt", metavar="URL", help="also bridge an MQTT broker, e.g. mqtt://127.0.0.1:1883 (docs/mqtt.md)")
+    serve.add_argument("--wyoming", metavar="URL", help="also serve Wyoming (Home Assistant), e.g. tcp://127.0.0.1:10200")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

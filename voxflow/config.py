@@ -59,6 +59,8 @@ class ServerConfig:
     webrtc_loopback: bool = False  # offer 127.0.0.1 ICE candidates (tests, single-host demos)
     max_webrtc_sessions: int = 16
     webrtc_idle_timeout_seconds: float = 30.0  # a session whose peer has gone quiet is closed
+    mqtt_url: str = ""  # e.g. mqtt://127.0.0.1:1883: run the MQTT bridge beside the HTTP server
+    wyoming_url: str = ""  # e.g. tcp://127.0.0.1:10200: run a Wyoming server beside the HTTP server
 
     @property
     def loopback(self) -> bool:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -46,6 +46,9 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     connections: set[ContextSet] = field(default_factory=set)
+    # Long-running services beside the HTTP app (MQTT bridge, Wyoming server): each is entered
+    # in the lifespan once the voices are warm and exited at shutdown.
+    services: list[Callable[["ServerState"], AbstractAsyncContextManager[None]]] = field(default_factory=list)
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,12 +112,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         for name in voices:
             await state.engine.warm_up(name)
         cache = await _start_cache(state)
-        state.ready = True
-        _LOGGER.info("voxflow ready with voices %s", ", ".join(sorted(voices)))
+        services = AsyncExitStack()
         try:
+            for service in state.services:
+                await services.enter_async_context(service(state))
+            state.ready = True
+            _LOGGER.info("voxflow ready with voices %s", ", ".join(sorted(voices)))
             yield
         finally:
             state.draining = True
+            await services.aclose()
             await asyncio.gather(*(c.close() for c in list(state.connections)), return_exceptions=True)
             if cache is not None:
                 state.engine.cache = None
