@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxflow-installed
 PYTEST_ARGS ?=
-# Debian packages the tests drive for real: Chromium for the browser end-to-end tests.
-SYSTEM_PACKAGES := chromium
+# Debian packages the tests drive for real: Chromium (browser end-to-end), mosquitto (MQTT).
+SYSTEM_PACKAGES := chromium mosquitto mosquitto-clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages run demo test bench clean
