@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from mosquitto_harness import Broker, start_mosquitto
 from server_harness import RunningServer, run_server
 from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
@@ -33,3 +35,17 @@ def server(engine: Engine) -> Iterator[RunningServer]:
     """
     with run_server(engine) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Broker]:
+    """One mosquitto broker for the run; fails (not skips) where mosquitto is not installed.
+
+    Tests that stop or restart a broker start their own with `mosquitto_harness.start_mosquitto`.
+    """
+    broker = start_mosquitto()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+        shutil.rmtree(broker.directory, ignore_errors=True)

@@ -246,6 +246,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mqtt(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .config import load_settings
+    from .transports.mqtt_bridge import serve_mqtt
+
+    settings = load_settings(
+        args.config,
+        engine={"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
+                "threads": args.threads, "seed": args.seed},
+        server={"mqtt_url": args.broker, "mqtt_prefix": args.prefix, "mqtt_share_group": args.share_group},
+    )
+    print(f"voxflow bridging {settings.server.mqtt_url} (topics {settings.server.mqtt_prefix}/..., docs/mqtt.md)", flush=True)
+    uvloop.run(serve_mqtt(settings))
+    return 0
+
+
 async def _speak_remote(args: argparse.Namespace) -> dict:
     from urllib.parse import urlsplit
 
@@ -340,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--wyoming", metavar="URL", help="also serve Wyoming (Home Assistant), e.g. tcp://127.0.0.1:10200")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    mqtt = sub.add_parser("mqtt", help="serve text-to-speech over an MQTT broker only (no HTTP)")
+    mqtt.add_argument("--broker", required=True, metavar="URL", help="mqtt://[user:password@]HOST[:PORT], or mqtts:// for TLS")
+    mqtt.add_argument("--prefix", help="topic prefix (default voxflow)")
+    mqtt.add_argument("--share-group", help="shared-subscription group of the workers ('' = none; default voxflow)")
+    _engine_args(mqtt)
+    mqtt.set_defaults(func=cmd_mqtt)
 
     speak = sub.add_parser("speak", help="stream text as LLM-like tokens to a voxflow server (WebSocket)")
     speak.add_argument("text", help="text to speak")

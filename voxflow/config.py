@@ -61,6 +61,15 @@ class ServerConfig:
     webrtc_idle_timeout_seconds: float = 30.0  # a session whose peer has gone quiet is closed
     mqtt_url: str = ""  # e.g. mqtt://127.0.0.1:1883: run the MQTT bridge beside the HTTP server
     wyoming_url: str = ""  # e.g. tcp://127.0.0.1:10200: run a Wyoming server beside the HTTP server
+    mqtt_prefix: str = "voxflow"  # topic prefix of the MQTT bridge (docs/mqtt.md)
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    mqtt_tls: bool = False  # TLS to the broker (also implied by an mqtts:// URL)
+    mqtt_audio_qos: int = 0  # audio messages; requests, events and errors use QoS 1
+    mqtt_share_group: str = "voxflow"  # workers in one group share the requests; "" = every worker answers every request
+    mqtt_hermes: bool = True  # also answer Rhasspy Hermes hermes/tts/say
+    mqtt_max_per_device: int = 4  # requests in flight per device (or Hermes site)
+    mqtt_max_in_flight: int = 32  # requests in flight on the whole bridge
 
     @property
     def loopback(self) -> bool:
