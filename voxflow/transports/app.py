@@ -28,10 +28,12 @@ from .contexts import ContextSet
 from .elevenlabs_ws import install as install_elevenlabs
 from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
+from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
 from .web_page import install as install_web_page
 from .webrtc_http import install as install_webrtc
+from .wyoming_server import install as install_wyoming
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -168,6 +170,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_elevenlabs(app, state)
     install_webrtc(app, state)
     install_web_page(app, state)  # the browser demo at /
+    install_wyoming(app, state)  # a TCP server beside the app, when ServerConfig.wyoming_url is set
+    install_mqtt(app, state)  # an MQTT bridge beside the app, when ServerConfig.mqtt_url is set
 
     @app.exception_handler(VoxflowError)
     async def voxflow_error(request: Request, exc: VoxflowError) -> JSONResponse:

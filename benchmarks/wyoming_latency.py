@@ -1,0 +1,115 @@
+"""Wyoming latency: request to first audio-chunk, as Home Assistant sends a streaming request.
+
+Starts `voxflow serve --wyoming tcp://127.0.0.1:PORT` as its own process (audio cache off, so
+every run synthesizes) and measures from this process with the `wyoming` package's client:
+synthesize-start, one synthesize-chunk holding a 6-word sentence, synthesize-stop, all sent
+at once; the time runs from the first write to the first audio-chunk. Prints a table and
+writes JSON (default benchmarks/results/wyoming.json).
+
+    python benchmarks/wyoming_latency.py [--runs 30] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+from wyoming.client import AsyncTcpClient
+from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop
+
+SIX_WORDS = [
+    "The quick brown fox jumps high.", "Please close the door behind you.", "I will call you back soon.",
+    "Your order ships on Monday morning.", "The meeting starts in ten minutes.", "Let me check that for you.",
+    "It looks like rain this afternoon.", "Turn left at the next light.", "Dinner is ready in the kitchen.",
+    "We found three results for you.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def first_chunk_ms(port: int, text: str) -> float:
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        t0 = time.perf_counter()
+        await client.write_event(SynthesizeStart().event())
+        await client.write_event(SynthesizeChunk(text).event())
+        await client.write_event(SynthesizeStop().event())
+        first = None
+        while (event := await asyncio.wait_for(client.read_event(), 30)) is not None:
+            if first is None and event.type == "audio-chunk":
+                first = (time.perf_counter() - t0) * 1000
+            if event.type == "error":
+                raise RuntimeError(f"server error: {event.data}")
+            if event.type == "synthesize-stopped":
+                break
+    if first is None:
+        raise RuntimeError("no audio")
+    return first
+
+
+async def measure(port: int, runs: int) -> list[float]:
+    await first_chunk_ms(port, "Warming up the connection path.")
+    return [await first_chunk_ms(port, SIX_WORDS[i % len(SIX_WORDS)]) for i in range(runs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--out", default="benchmarks/results/wyoming.json")
+    args = parser.parse_args()
+
+    http_port, wyoming_port = free_port(), free_port()
+    env = {**os.environ, "VOXFLOW_CACHE_ENABLED": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "voxflow.cli", "serve", "--port", str(http_port), "--wyoming", f"tcp://127.0.0.1:{wyoming_port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("server did not become ready")
+            time.sleep(0.2)
+        samples = asyncio.run(measure(wyoming_port, args.runs))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+    p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        "runs": args.runs,
+        "streaming_request_to_first_audio_chunk_6_words_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
+    }
+    print("## Wyoming\n")
+    print("| measure | p50 | p95 |")
+    print("|---|---|---|")
+    print(f"| synthesize-start/chunk/stop -> first audio-chunk, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
