@@ -159,6 +159,7 @@ async def test_cancel_ends_the_request(bridged: RunningServer, mosquitto: Broker
     async with _client(mosquitto) as client:
         await client.subscribe("voxflow/hall/#", qos=1)
         # No end: the stream cannot finish by itself, so the cancel always lands.
+        await client.publish("voxflow/hall/stream/start", json.dumps({"id": "x"}), qos=1)
         await client.publish("voxflow/hall/stream/text", json.dumps({"id": "x", "text": "This is a long sentence that keeps going, " * 4}), qos=1)
         await client.publish("voxflow/hall/cancel", json.dumps({"id": "x"}), qos=1)
         reply = await _collect(client, "x")
@@ -252,11 +253,39 @@ async def test_malformed_requests_get_errors_and_the_bridge_keeps_serving(
     assert reply.types() == ["started", "done"]
 
 
-async def test_unknown_context_for_end_and_cancel(bridged: RunningServer, mosquitto: Broker) -> None:
+@pytest.fixture(scope="module")
+def unshared(engine: Engine, mosquitto: Broker) -> Iterator[RunningServer]:
+    """A worker that is not part of a share group: it alone answers, so it can tell unknown ids."""
+    with run_server(engine, mqtt_url=mosquitto.url, mqtt_prefix="solo", mqtt_share_group="") as running:
+        yield running
+
+
+async def test_in_a_share_group_messages_for_requests_held_elsewhere_are_ignored(bridged: RunningServer, mosquitto: Broker) -> None:
+    replies = ("/event", "/error", "/audio/")
     async with _client(mosquitto) as client:
-        await client.subscribe("voxflow/porch/error", qos=1)
-        await client.publish("voxflow/porch/stream/end", json.dumps({"id": "nope"}), qos=1)
-        await client.publish("voxflow/porch/cancel", json.dumps({"id": "nope"}), qos=1)
+        await client.subscribe("voxflow/attic/#", qos=1)
+        # Another worker of the group may hold "elsewhere": no error, no implicit start.
+        for kind, body in (("stream/text", {"id": "elsewhere", "text": "Hello there."}), ("stream/end", {"id": "elsewhere"}), ("cancel", {"id": "elsewhere"})):
+            await client.publish(f"voxflow/attic/{kind}", json.dumps(body), qos=1)
+        await client.publish("voxflow/attic/say", json.dumps({"text": "Only this.", "id": "mine"}), qos=1)
+        about_elsewhere, mine_done = [], False
+        async with asyncio.timeout(TIMEOUT):
+            async for message in client.messages:
+                topic, payload = message.topic.value, bytes(message.payload)
+                if any(r in topic for r in replies) and (b"elsewhere" in payload or topic.endswith("/audio/elsewhere")):
+                    about_elsewhere.append(topic)
+                if topic.endswith("/event") and json.loads(payload) == {**json.loads(payload), "type": "done", "id": "mine"}:
+                    mine_done = True
+                    break
+    assert mine_done
+    assert about_elsewhere == []
+
+
+async def test_unknown_context_for_end_and_cancel(unshared: RunningServer, mosquitto: Broker) -> None:
+    async with _client(mosquitto) as client:
+        await client.subscribe("solo/porch/error", qos=1)
+        await client.publish("solo/porch/stream/end", json.dumps({"id": "nope"}), qos=1)
+        await client.publish("solo/porch/cancel", json.dumps({"id": "nope"}), qos=1)
         codes = []
         async with asyncio.timeout(TIMEOUT):
             async for message in client.messages:

@@ -13,6 +13,8 @@ from voxflow.transports.mqtt_protocol import (
     SAY,
     START,
     TEXT,
+    END,
+    CANCEL,
     AudioBatcher,
     AudioFormat,
     BrokerAddress,
@@ -43,8 +45,12 @@ def test_topics_under_a_prefix() -> None:
     assert topics.parse("home/tts/kitchen/audio/x") is None
     assert topics.parse("other/kitchen/say") is None
     assert topics.audio("kitchen", "r1") == "home/tts/kitchen/audio/r1"
-    assert topics.request_filters("g")[0] == "$share/g/home/tts/+/say"
-    assert topics.request_filters("")[1] == "home/tts/+/stream/+"
+    # Shared: new requests go to one worker; what follows a request goes to every worker.
+    assert topics.request_filters("g") == (
+        "$share/g/home/tts/+/say", "$share/g/home/tts/+/stream/start",
+        "home/tts/+/stream/text", "home/tts/+/stream/end", "home/tts/+/cancel",
+    )
+    assert topics.request_filters("") == tuple(f"home/tts/+/{kind}" for kind in (SAY, START, TEXT, END, CANCEL))
     with pytest.raises(ValueError):
         Topics("bad/+/prefix")
 

@@ -12,7 +12,7 @@ import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -51,6 +51,9 @@ class ServerState:
     # Long-running services beside the HTTP app (MQTT bridge, Wyoming server): each is entered
     # in the lifespan once the voices are warm and exited at shutdown.
     services: list[Callable[["ServerState"], AbstractAsyncContextManager[None]]] = field(default_factory=list)
+    # Run first when draining: a service stops taking new work where it is offered (an MQTT
+    # worker leaves its share group so other workers get the requests).
+    drain_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,6 +70,9 @@ class ServerState:
 
     async def drain(self) -> None:
         """Stop taking new work and give open contexts the grace period to finish."""
+        # Hooks first: requests a broker handed over before a worker left its group are still
+        # served rather than refused.
+        await asyncio.gather(*(hook() for hook in self.drain_hooks), return_exceptions=True)
         self.draining = True
         grace = self.settings.server.grace_seconds
         await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), return_exceptions=True)

@@ -109,10 +109,15 @@ class ContextSet:
         self.stream(context_id).cancel()
 
     async def drain(self, timeout: float) -> None:
-        """Let open contexts finish for up to `timeout` seconds, then cancel the rest."""
-        pumps = [c.pump for c in self._contexts.values()]
-        if pumps:
-            await asyncio.wait(pumps, timeout=timeout)
+        """Let contexts finish for up to `timeout` seconds, then cancel the rest.
+
+        Contexts opened while draining (work a transport had already accepted) get the same
+        deadline, not a cancel.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._contexts and (left := deadline - loop.time()) > 0:
+            await asyncio.wait([c.pump for c in self._contexts.values()], timeout=left)
         await self.close()
 
     async def close(self) -> None:

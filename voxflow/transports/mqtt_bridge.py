@@ -64,6 +64,7 @@ _LOGGER = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.5  # seconds before the first reconnection attempt
 _BACKOFF_MAX = 30.0
+_LEAVE_SETTLE_SECONDS = 1.0
 _CONTROL_QOS = 1  # requests, events, errors, availability
 _HERMES = "hermes"  # device-key namespace of Hermes sites (voxflow devices use "")
 
@@ -113,15 +114,18 @@ class MqttBridge:
         self._client: aiomqtt.Client | None = None
         self._devices: dict[tuple[str, str], _Device] = {}
         self.connected = asyncio.Event()  # set while subscribed and `online` is published
+        self._left_group = False  # unsubscribed from new requests (draining)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[MqttBridge]:
         task = asyncio.get_running_loop().create_task(self._run(), name="voxflow-mqtt")
+        self.state.drain_hooks.append(self._stop_taking_requests)
         try:
             yield self
         finally:
+            self.state.drain_hooks.remove(self._stop_taking_requests)
             await asyncio.gather(*(d.contexts.close() for d in list(self._devices.values())), return_exceptions=True)
             if self._client is not None:
                 # A clean disconnect does not fire the last will, so say it ourselves.
@@ -132,6 +136,19 @@ class MqttBridge:
             for device in self._devices.values():
                 self.state.connections.discard(device.contexts)
             self._devices.clear()
+
+    async def _stop_taking_requests(self) -> None:
+        """Unsubscribe from new requests so the broker hands them to the group's other workers;
+        what follows requests already taken (stream text and end, cancel) still arrives."""
+        client = self._client
+        new_requests = [f for f in self._filters() if f.endswith(("/say", "/stream/start"))]
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await client.unsubscribe(new_requests, timeout=5)
+                self._left_group = True
+                # Requests the broker had already assigned to this worker can still be queued
+                # for it behind the acknowledgement (QoS 1 in-flight window); let them land.
+                await asyncio.sleep(_LEAVE_SETTLE_SECONDS)
 
     def _new_client(self) -> aiomqtt.Client:
         b, c = self.broker, self.config
@@ -146,6 +163,8 @@ class MqttBridge:
             will=aiomqtt.Will(self.topics.status, b"offline", qos=_CONTROL_QOS, retain=True),
             tls_context=ssl.create_default_context() if (c.mqtt_tls or b.tls) else None,
             keepalive=30,
+            # Replies are many small messages: Nagle's algorithm held each ~40 ms.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
 
     def _filters(self) -> list[str]:
@@ -222,12 +241,16 @@ class MqttBridge:
             case StreamText():
                 device = self._devices.get(key)
                 if device is None or request.id not in device.contexts:
+                    if self._shared:
+                        return  # another worker of the group holds (or refused) this stream
                     device = await self._open(key, request.id, None, Style(), None, reply)
                 await device.contexts.push(request.id, request.text)
                 if request.end:
                     await device.contexts.end(request.id)
                 elif request.flush:
                     await device.contexts.flush(request.id)
+            case EndStream() | CancelRequest() if self._shared and not self._holds(key, request.id):
+                return  # another worker of the group holds this request
             case EndStream():
                 await self._known(key, request.id).contexts.end(request.id)
             case CancelRequest():
@@ -237,6 +260,14 @@ class MqttBridge:
                 device.contexts.cancel(request.id)
                 if not finished and request.id in device.routes:
                     device.routes[request.id].cancelled = True
+
+    @property
+    def _shared(self) -> bool:
+        return bool(self.config.mqtt_share_group)
+
+    def _holds(self, key: tuple[str, str], request_id: str) -> bool:
+        device = self._devices.get(key)
+        return device is not None and request_id in device.contexts
 
     def _known(self, key: tuple[str, str], request_id: str) -> _Device:
         device = self._devices.get(key)
@@ -248,7 +279,9 @@ class MqttBridge:
         self, key: tuple[str, str], request_id: str, voice: str | None, style: Style, sample_rate: int | None,
         reply: _ReplyTo, say: hermes.HermesSay | None = None,
     ) -> _Device:
-        if self.state.draining:
+        # After leaving the share group only requests the broker had already handed over
+        # arrive; they are served. Before that, draining means no new work.
+        if self.state.draining and not self._left_group:
             raise VoxflowError("the server is shutting down; no new requests", code="draining")
         self.state.limiter.check(f"mqtt:{key[1]}")
         in_flight = sum(len(d.contexts) for d in self._devices.values())

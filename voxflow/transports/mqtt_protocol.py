@@ -61,10 +61,17 @@ class Topics:
         return f"{self.prefix}/status"
 
     def request_filters(self, share_group: str = "") -> tuple[str, ...]:
-        """Subscriptions for every request kind; with a share group, the broker hands each
-        request to one subscriber of the group, so several workers split the load."""
-        share = f"$share/{share_group}/" if share_group else ""
-        return tuple(f"{share}{self.prefix}/+/{kind}" for kind in (SAY, "stream/+", CANCEL))
+        """Subscriptions for every request kind.
+
+        With a share group the broker hands each *new* request (say, stream/start) to one
+        worker of the group, so workers split the load. What follows a request (stream text
+        and end, cancel) must reach the worker that took it, which the broker cannot know, so
+        those go to every worker and only the one holding the request acts on them.
+        """
+        if not share_group:
+            return tuple(f"{self.prefix}/+/{kind}" for kind in REQUEST_KINDS)
+        shared = tuple(f"$share/{share_group}/{self.prefix}/+/{kind}" for kind in (SAY, START))
+        return shared + tuple(f"{self.prefix}/+/{kind}" for kind in (TEXT, END, CANCEL))
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """(device, request kind) of a request topic; None for any other topic."""

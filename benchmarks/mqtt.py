@@ -1,0 +1,136 @@
+"""MQTT latency: a `say` request to its first audio message, through a real mosquitto.
+
+Starts mosquitto (tests/mosquitto_harness.py) and `voxflow serve --mqtt URL` as their own
+processes (audio cache off, so every run synthesizes), waits for /health and the bridge's
+`online`, then measures from this process: publish a 6-word `say`, time until the first audio
+message of that request arrives; the next run starts after its `done`. Prints a table and
+writes JSON (default benchmarks/results/mqtt.json).
+
+    python benchmarks/mqtt.py [--runs 30] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiomqtt
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from mosquitto_harness import Broker, start_mosquitto  # noqa: E402
+
+SIX_WORDS = [
+    "The quick brown fox jumps high.", "Please close the door behind you.", "I will call you back soon.",
+    "Your order ships on Monday morning.", "The meeting starts in ten minutes.", "Let me check that for you.",
+    "It looks like rain this afternoon.", "Turn left at the next light.", "Dinner is ready in the kitchen.",
+    "We found three results for you.",
+]
+DEVICE = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(server: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("server did not become ready")
+        time.sleep(0.2)
+
+
+async def first_audio_ms(client: aiomqtt.Client, request_id: str, text: str) -> float:
+    t0 = time.perf_counter()
+    await client.publish(f"voxflow/{DEVICE}/say", json.dumps({"text": text, "id": request_id}), qos=1)
+    first = None
+    async with asyncio.timeout(30):
+        async for message in client.messages:
+            if "/audio/" in message.topic.value:
+                if first is None:
+                    first = (time.perf_counter() - t0) * 1000
+                continue
+            event = json.loads(bytes(message.payload))
+            if event["type"] == "error":
+                raise RuntimeError(f"server error: {event}")
+            if event["type"] == "done" and event["id"] == request_id:
+                break
+    if first is None:
+        raise RuntimeError("no audio")
+    return first
+
+
+async def measure(broker: Broker, runs: int) -> list[float]:
+    async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        await client.subscribe("voxflow/status", qos=1)
+        async with asyncio.timeout(60):
+            async for message in client.messages:
+                if message.payload == b"online":
+                    break
+        await client.unsubscribe("voxflow/status")
+        for kind in ("event", "error", "audio/+"):
+            await client.subscribe(f"voxflow/{DEVICE}/{kind}", qos=1)
+        await first_audio_ms(client, "warmup", "Warming up the connection path.")
+        return [await first_audio_ms(client, f"run{i}", SIX_WORDS[i % len(SIX_WORDS)]) for i in range(runs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--out", default="benchmarks/results/mqtt.json")
+    args = parser.parse_args()
+
+    broker = start_mosquitto()
+    http_port = free_port()
+    env = {**os.environ, "VOXFLOW_CACHE_ENABLED": "false", "VOXFLOW_REQUESTS_PER_SECOND": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "voxflow.cli", "serve", "--port", str(http_port), "--mqtt", broker.url],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(server, http_port)
+        samples = asyncio.run(measure(broker, args.runs))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        broker.stop()
+        shutil.rmtree(broker.directory, ignore_errors=True)
+
+    p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        "runs": args.runs,
+        "say_request_to_first_audio_message_6_words_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
+    }
+    print("## MQTT\n")
+    print("| measure | p50 | p95 |")
+    print("|---|---|---|")
+    print(f"| say -> first audio message, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
