@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import socket
 import time
 import wave
 
@@ -26,7 +27,8 @@ async def speak(broker_url: str, device: str, text: str, output: str, prefix: st
     broker = BrokerAddress.parse(broker_url)
     request_id = secrets.token_hex(4)
     async with aiomqtt.Client(broker.host, broker.port, username=broker.username, password=broker.password,
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+                              protocol=aiomqtt.ProtocolVersion.V5,
+                              socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]) as client:
         # Subscribed before asking, so not even the first audio message can be missed.
         for topic in ("event", "error", f"audio/{request_id}"):
             await client.subscribe(f"{prefix}/{device}/{topic}", qos=1)
