@@ -17,20 +17,18 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import aiomqtt
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mosquitto_harness import Broker, start_mosquitto  # noqa: E402
+from serve_process import voxflow_serve  # noqa: E402
 
 SIX_WORDS = [
     "The quick brown fox jumps high.", "Please close the door behind you.", "I will call you back soon.",
@@ -39,25 +37,6 @@ SIX_WORDS = [
     "We found three results for you.",
 ]
 DEVICE = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(server: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise SystemExit("server did not become ready")
-        time.sleep(0.2)
 
 
 async def first_audio_ms(client: aiomqtt.Client, request_id: str, text: str) -> float:
@@ -103,18 +82,10 @@ def main() -> None:
     args = parser.parse_args()
 
     broker = start_mosquitto()
-    http_port = free_port()
-    env = {**os.environ, "VOXFLOW_CACHE_ENABLED": "false", "VOXFLOW_REQUESTS_PER_SECOND": "0"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "voxflow.cli", "serve", "--port", str(http_port), "--mqtt", broker.url],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_healthy(server, http_port)
-        samples = asyncio.run(measure(broker, args.runs))
+        with voxflow_serve("--mqtt", broker.url, env={"VOXFLOW_CACHE_ENABLED": "false"}):
+            samples = asyncio.run(measure(broker, args.runs))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
         broker.stop()
         shutil.rmtree(broker.directory, ignore_errors=True)
 

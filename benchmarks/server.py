@@ -18,20 +18,16 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 from websockets.asyncio.client import connect
 
+from serve_process import voxflow_serve
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.transports.native_protocol import (
     AudioPacket, Done, End, Error, Start, Text, parse_server, serialize_client,
@@ -51,12 +47,6 @@ REPLY = (
 # No clause boundary early on: the first chunk waits for four words, as most replies do.
 FIRST_CLAUSE_LATE = "I checked your calendar and you have a free slot tomorrow afternoon between two and four."
 CACHED = "One moment, please."  # a default warm-up phrase: in the cache from startup
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -157,28 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",")]
 
-    port = free_port()
     cache_dir = tempfile.mkdtemp(prefix="voxflow-bench-")
-    # Every benchmark socket comes from this one client: the per-client rate limit is off.
-    env = {**os.environ, "VOXFLOW_CACHE_PATH": f"{cache_dir}/cache.sqlite3", "VOXFLOW_CACHE_ENABLED": "true",
-           "VOXFLOW_REQUESTS_PER_SECOND": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "voxflow.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+    cache = {"VOXFLOW_CACHE_PATH": f"{cache_dir}/cache.sqlite3", "VOXFLOW_CACHE_ENABLED": "true"}
+    with voxflow_serve(env=cache) as port:
         figures = asyncio.run(measure(f"ws://127.0.0.1:{port}/v1/stream", args))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
 
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

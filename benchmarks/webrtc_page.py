@@ -22,10 +22,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -35,6 +31,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 from playwright.sync_api import Browser, Page, sync_playwright
+from serve_process import voxflow_serve
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -52,40 +49,16 @@ PARAGRAPH = (Path(__file__).parents[1] / "demos" / "paragraph.txt").read_text().
 STEADY_PACKETS_PER_SECOND = 45  # 50 expected (20 ms packets); a little slack for the sampling edges
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
 @contextmanager
 def voxflow_server() -> Iterator[str]:
-    port = free_port()
-    # Every page comes from this one client: the per-client rate limit is off.
-    env = {**os.environ, "VOXFLOW_WEBRTC_LOOPBACK": "true", "VOXFLOW_CACHE_ENABLED": "false", "VOXFLOW_REQUESTS_PER_SECOND": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "voxflow.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+    with voxflow_serve(env={"VOXFLOW_WEBRTC_LOOPBACK": "true", "VOXFLOW_CACHE_ENABLED": "false"}) as port:
         if httpx.get(f"http://127.0.0.1:{port}/").status_code != 200:
             raise SystemExit("the server does not serve the page at / (voxflow.transports.web_page not installed)")
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 def open_page(browser: Browser, url: str, **viewport) -> Page:

@@ -16,18 +16,14 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop
+from serve_process import free_port, voxflow_serve
 
 SIX_WORDS = [
     "The quick brown fox jumps high.", "Please close the door behind you.", "I will call you back soon.",
@@ -35,12 +31,6 @@ SIX_WORDS = [
     "It looks like rain this afternoon.", "Turn left at the next light.", "Dinner is ready in the kitchen.",
     "We found three results for you.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def first_chunk_ms(port: int, text: str) -> float:
@@ -73,27 +63,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/wyoming.json")
     args = parser.parse_args()
 
-    http_port, wyoming_port = free_port(), free_port()
-    env = {**os.environ, "VOXFLOW_CACHE_ENABLED": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "voxflow.cli", "serve", "--port", str(http_port), "--wyoming", f"tcp://127.0.0.1:{wyoming_port}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.2)
+    wyoming_port = free_port()
+    with voxflow_serve("--wyoming", f"tcp://127.0.0.1:{wyoming_port}", env={"VOXFLOW_CACHE_ENABLED": "false"}):
         samples = asyncio.run(measure(wyoming_port, args.runs))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
 
     p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
     result = {
