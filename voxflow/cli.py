@@ -66,11 +66,14 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
 
 
+def _engine_flags(args: argparse.Namespace) -> dict:
+    """The engine settings given as flags (None where a flag was left out)."""
+    return {"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
+            "threads": args.threads, "seed": args.seed}
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
-    return load_config(
-        args.config, voice=args.voice, voice_dirs=args.voice_dirs, device=args.device,
-        half=args.half, threads=args.threads, seed=args.seed,
-    )
+    return load_config(args.config, **_engine_flags(args))
 
 
 def _write_wav(path: str, pcm: bytes, rate: int) -> None:
@@ -236,8 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         args.config,
-        engine={"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
-                "threads": args.threads, "seed": args.seed},
+        engine=_engine_flags(args),
         server={"host": args.host, "port": args.port, "mqtt_url": args.mqtt, "wyoming_url": args.wyoming},
     )
     print(f"voxflow serving on http://{settings.server.host}:{settings.server.port} "
@@ -254,8 +256,7 @@ def cmd_mqtt(args: argparse.Namespace) -> int:
 
     settings = load_settings(
         args.config,
-        engine={"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
-                "threads": args.threads, "seed": args.seed},
+        engine=_engine_flags(args),
         server={"mqtt_url": args.broker, "mqtt_prefix": args.prefix, "mqtt_share_group": args.share_group},
     )
     print(f"voxflow bridging {settings.server.mqtt_url} (topics {settings.server.mqtt_prefix}/..., docs/mqtt.md)", flush=True)
