@@ -24,7 +24,7 @@ from ..streaming.audio_cache import AudioCache
 from ..streaming.engine import Engine
 from ..streaming.events import StreamEnd
 from .auth import RateLimiter
-from .contexts import ContextSet
+from .contexts import ContextSet, Deliver
 from .elevenlabs_ws import install as install_elevenlabs
 from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
@@ -67,6 +67,16 @@ class ServerState:
         if name is None or name in {i.name for i in self.engine.voices.infos()}:
             return name or self.settings.engine.voice
         return name
+
+    def connection_contexts(
+        self, deliver: Deliver, after_drain: Callable[[], Awaitable[None]] | None = None
+    ) -> ContextSet:
+        """The context set of one client connection, with the server's per-connection limits."""
+        config = self.settings.server
+        return ContextSet(
+            self.engine, deliver, max_contexts=config.max_contexts_per_socket,
+            send_timeout=config.send_timeout_seconds, metrics=self.metrics, after_drain=after_drain,
+        )
 
     async def drain(self) -> None:
         """Stop taking new work and give open contexts the grace period to finish."""

@@ -58,9 +58,11 @@ class ContextSet:
         max_contexts: int,
         send_timeout: float,
         metrics: ServerMetrics | None = None,
+        after_drain: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self._deliver = deliver
+        self._after_drain = after_drain  # how the connection closes once a server drain is over
         self.max_contexts = max_contexts
         self.send_timeout = send_timeout
         self.metrics = metrics
@@ -119,6 +121,8 @@ class ContextSet:
         while self._contexts and (left := deadline - loop.time()) > 0:
             await asyncio.wait([c.pump for c in self._contexts.values()], timeout=left)
         await self.close()
+        if self._after_drain is not None:
+            await self._after_drain()
 
     async def close(self) -> None:
         """Cancel every context and wait until their tasks are gone (the connection closed)."""

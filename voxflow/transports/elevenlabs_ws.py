@@ -240,31 +240,11 @@ class _ContextState:
     closing: bool = False
 
 
-class _Contexts(ContextSet):
-    """Closes the socket with 1001 once a server drain has let its contexts finish."""
-
-    def __init__(self, session: _Session) -> None:
-        config = session.state.settings.server
-        super().__init__(
-            session.state.engine,
-            session.deliver,
-            max_contexts=config.max_contexts_per_socket,
-            send_timeout=config.send_timeout_seconds,
-            metrics=session.state.metrics,
-        )
-        self._session = session
-
-    async def drain(self, timeout: float) -> None:
-        await super().drain(timeout)
-        if self._session.state.draining:
-            await self._session.sender.close(CLOSE_GOING_AWAY, "server shutting down")
-
-
 class _Session:
     # Set once the connection is admitted (run).
     options: ConnectionOptions
     sender: _Sender
-    contexts: _Contexts
+    contexts: ContextSet
 
     def __init__(self, ws: WebSocket, state: ServerState, voice_id: str, *, multi: bool) -> None:
         self.ws = ws
@@ -287,6 +267,11 @@ class _Session:
         known = {info.name for info in self.state.engine.voices.infos()}
         return name if name in known else self.state.settings.engine.voice
 
+    async def _close_after_drain(self) -> None:
+        # Only a server drain closes the socket here; a context set closing on its own does not.
+        if self.state.draining:
+            await self.sender.close(CLOSE_GOING_AWAY, "server shutting down")
+
     async def run(self) -> None:
         await self.ws.accept()
         try:
@@ -303,7 +288,7 @@ class _Session:
             await self._refuse(exc)
             return
         self.sender = _Sender(self.ws, self.options, multi=self.multi, send_timeout=self.config.send_timeout_seconds)
-        self.contexts = _Contexts(self)
+        self.contexts = self.state.connection_contexts(self.deliver, after_drain=self._close_after_drain)
         self.state.connections.add(self.contexts)
         try:
             await self._receive_loop()

@@ -17,7 +17,6 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from ..errors import VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
 from .auth import check_key, presented_key
-from .contexts import ContextSet
 from .native_dispatch import Disconnected, NativeDispatch
 from .native_protocol import ServerMessage, Word, pack_audio, serialize_server
 
@@ -29,24 +28,6 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
 
 
-class _Contexts(ContextSet):
-    """Closes the socket with 1001 once a server drain has let its contexts finish."""
-
-    def __init__(self, connection: _Connection, state: ServerState) -> None:
-        super().__init__(
-            state.engine,
-            connection.deliver,
-            max_contexts=state.settings.server.max_contexts_per_socket,
-            send_timeout=state.settings.server.send_timeout_seconds,
-            metrics=state.metrics,
-        )
-        self._connection = connection
-
-    async def drain(self, timeout: float) -> None:
-        await super().drain(timeout)
-        await self._connection.close(CLOSE_GOING_AWAY, "server shutting down")
-
-
 class _Connection:
     def __init__(self, ws: WebSocket, state: ServerState) -> None:
         self.ws = ws
@@ -54,7 +35,10 @@ class _Connection:
         self.config = state.settings.server
         self._send_lock = asyncio.Lock()
         self._notices: set[asyncio.Task[None]] = set()
-        self.contexts = _Contexts(self, state)
+        # Once a server drain has let its contexts finish, the socket closes with 1001.
+        self.contexts = state.connection_contexts(
+            self.deliver, after_drain=lambda: self.close(CLOSE_GOING_AWAY, "server shutting down")
+        )
         self.dispatch = NativeDispatch(state, self.contexts, self._reply)
 
     async def run(self) -> None:

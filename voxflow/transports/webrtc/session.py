@@ -29,7 +29,6 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from ...errors import LimitExceeded, VoxflowError
 from ...streaming.events import AudioFrame, StreamEnd, StreamEvent
-from ..contexts import ContextSet
 from ..native_dispatch import Disconnected, NativeDispatch
 from ..native_protocol import Cancel, ClientMessage, Error, ServerMessage, Word, serialize_server
 from .signaling import InvalidSdp, ice_configuration
@@ -45,24 +44,6 @@ PLAYOUT_SECONDS = 5
 MICROPHONE_SECONDS = 10  # kept for a reader; older audio is dropped
 INBOX_MESSAGES = 256  # data-channel messages waiting to be handled; more are refused
 CLOSE_TIMEOUT = 5.0  # for aiortc's own shutdown of the peer connection
-
-
-class _Contexts(ContextSet):
-    """Ends the session once a server drain has let its contexts finish."""
-
-    def __init__(self, session: WebRTCSession, state: ServerState) -> None:
-        super().__init__(
-            state.engine,
-            session.deliver,
-            max_contexts=state.settings.server.max_contexts_per_socket,
-            send_timeout=state.settings.server.send_timeout_seconds,
-            metrics=state.metrics,
-        )
-        self._session = session
-
-    async def drain(self, timeout: float) -> None:
-        await super().drain(timeout)
-        await self._session.close()
 
 
 class _Dispatch(NativeDispatch):
@@ -93,7 +74,8 @@ class WebRTCSession:
         self.playout = PlayoutQueue(PLAYOUT_SECONDS * 1000 // FRAME_MS)
         self.track = PlayoutTrack(self.playout)
         self.microphone = Microphone(MICROPHONE_SECONDS * 1000 // FRAME_MS)
-        self.contexts = _Contexts(self, state)
+        # Once a server drain has let its contexts finish, the session ends.
+        self.contexts = state.connection_contexts(self.deliver, after_drain=self.close)
         self.dispatch = _Dispatch(self, state)
         self.channel: RTCDataChannel | None = None
         self._inbox: asyncio.Queue[str | bytes] = asyncio.Queue(INBOX_MESSAGES)
