@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +23,7 @@ from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
 from voxflow.streaming.tokens import gpt_like_tokens, paced
+from report import print_table, stamp, write_json
 
 SIX_WORDS = [
     "The quick brown fox jumps high.",
@@ -141,8 +139,7 @@ async def main() -> None:
     startup = startup_figures(3)
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, {platform.python_version()}",
+        **stamp(),
         "first_frame_after_flush_6_words_ms": {"p50": pct(flushed, 50), "p95": pct(flushed, 95), "n": len(flushed)},
         "first_frame_after_first_token_50tps_ms": {"p50": pct(at_50, 50), "p95": pct(at_50, 95), "n": len(at_50)},
         "long_sentence_first_frame_ms": {"p50": pct(ours_first_long, 50)},
@@ -162,13 +159,8 @@ async def main() -> None:
         ("process start to first audio, `voxflow say`", ", ".join(f"{s:.2f}" for s in result["process_start_to_first_audio_s"]) + " s", "<= 4 s"),
         ("peak RSS, `voxflow say`", ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]) + " MB", "<= 700 MB"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'result':<28}  target")
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:<28}  {target}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(rows)
+    write_json(args.out, result)
     engine.close()
 
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import socket
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import aiomqtt
@@ -28,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mosquitto_harness import Broker, start_mosquitto  # noqa: E402
+from report import stamp, write_json
 from serve_process import voxflow_serve  # noqa: E402
 
 SIX_WORDS = [
@@ -91,8 +89,7 @@ def main() -> None:
 
     p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        **stamp(),
         "runs": args.runs,
         "say_request_to_first_audio_message_6_words_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
     }
@@ -100,9 +97,7 @@ def main() -> None:
     print("| measure | p50 | p95 |")
     print("|---|---|---|")
     print(f"| say -> first audio message, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 from websockets.asyncio.client import connect
 
+from report import print_table, stamp, write_json
 from serve_process import voxflow_serve
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.transports.native_protocol import (
@@ -153,8 +149,7 @@ def main() -> None:
         figures = asyncio.run(measure(f"ws://127.0.0.1:{port}/v1/stream", args))
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        **stamp(),
         "jitter_buffer_ms": args.jitter_ms,
         **figures,
     }
@@ -169,13 +164,8 @@ def main() -> None:
                      f"{s['first_audio_p95_ms']:.0f} ms, {s['underruns']} of {s['frames']}" + (f", errors {len(s['errors'])}" if s["errors"] else ""),
                      "8 streams: 0 underruns, p95 <= 300 ms"))
     rows.append(("largest concurrent count holding the target", str(result["largest_count_holding"]), ">= 8"))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'result':<30}  target")
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:<30}  {target}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(rows)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

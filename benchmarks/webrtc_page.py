@@ -19,18 +19,15 @@ saves a phone-sized picture of the page mid-sentence.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import numpy as np
 from playwright.sync_api import Browser, Page, sync_playwright
+from report import print_table, stamp, write_json
 from serve_process import voxflow_serve
 
 CHROMIUM = "/usr/bin/chromium"
@@ -168,8 +165,7 @@ def main() -> None:
             figures = measure(url + "/", args)
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        **stamp(),
         "browser": "Chromium (headless), server and browser on the same machine",
         "server": args.server or "voxflow serve, started by this script",
         **figures,
@@ -184,13 +180,8 @@ def main() -> None:
                      f"{step['steady']}/{step['sessions']}, {step['packets_per_second_min']:.0f}/s, {step['first_audio_max_ms']} ms"
                      + (f", {len(step['errors'])} errors" if step["errors"] else ""), "all steady"))
     rows.append(("largest page count holding steady audio", str(result["largest_count_holding"]), ">= 8"))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'result':<30}  target")
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:<30}  {target}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(rows)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

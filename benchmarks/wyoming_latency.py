@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop
+from report import stamp, write_json
 from serve_process import free_port, voxflow_serve
 
 SIX_WORDS = [
@@ -69,8 +65,7 @@ def main() -> None:
 
     p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        **stamp(),
         "runs": args.runs,
         "streaming_request_to_first_audio_chunk_6_words_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
     }
@@ -78,9 +73,7 @@ def main() -> None:
     print("| measure | p50 | p95 |")
     print("|---|---|---|")
     print(f"| synthesize-start/chunk/stop -> first audio-chunk, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""What every benchmark reports the same way: when and where it ran, a table, a JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def stamp() -> dict[str, str]:
+    """The date and machine a result was measured on (results drift between machines and days)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+    }
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    """(measure, result, target) rows, aligned for a terminal."""
+    width = max(len(r[0]) for r in rows)
+    value_width = max(30, *(len(r[1]) for r in rows))
+    print(f"{'measure':<{width}}  {'result':<{value_width}}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:<{value_width}}  {target}")
+
+
+def write_json(path: str, result: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
