@@ -77,9 +77,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """The conversation agent (voxflow/agent): turn-taking, recognition, the LLM, the voice."""
+
+    vad_aggressiveness: int = 2  # webrtcvad mode: 0 lets most audio count as speech, 3 the least
+    vad_frame_ms: int = 30  # 10, 20 or 30: webrtcvad's frame sizes
+    speech_start_ms: int = 200  # speech before a turn starts (and before it interrupts the bot)
+    turn_end_ms: int = 600  # silence after speech that ends the turn
+    preroll_ms: int = 300  # audio from before the speech's detected start, given to ASR too
+    max_turn_seconds: float = 30.0  # a turn this long is ended even while the person speaks
+    asr: str = "pocketsphinx"  # "pocketsphinx" (offline, en-us) or "openai" (/v1/audio/transcriptions)
+    asr_base_url: str = ""  # for asr="openai", e.g. http://127.0.0.1:8000/v1
+    asr_model: str = "whisper-1"
+    asr_api_key: str = ""  # for asr="openai"; empty: OPENAI_API_KEY
+    llm: str = "echo"  # "echo" (repeats the person, offline) or "openai" (streaming chat completions)
+    llm_base_url: str = ""  # for llm="openai"; empty: the OpenAI API
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: str = ""  # for llm="openai"; empty: OPENAI_API_KEY
+    llm_timeout_seconds: float = 10.0  # longest wait for the first piece of a reply, and between pieces
+    system_prompt: str = "You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
+    max_history_messages: int = 20  # user and assistant messages kept for the LLM (oldest go first)
+    max_reply_chars: int = 4_000  # a longer reply is cut there
+    tts_voice: str = ""  # the agent's voice; empty: the engine's default
+    tts_style: str = ""  # a style preset for the agent's voice; empty: neutral
+    max_conversations: int = 4  # agents running at once on a server
+
+
+@dataclass(frozen=True)
 class Settings:
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    agent: AgentConfig = AgentConfig()
 
 
 _ENV_PREFIX = "VOXFLOW_"
@@ -137,13 +165,15 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     engine: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
+    agent: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Engine and server settings: defaults < TOML file ([engine], [server]) < VOXFLOW_* < overrides."""
+    """All settings: defaults < TOML file ([engine], [server], [agent]) < VOXFLOW_* < overrides."""
     env = os.environ if env is None else env
     table = _read_file(file, env)
     settings = Settings(
         engine=_build(EngineConfig, table.get("engine", {}), env, engine or {}),
         server=_build(ServerConfig, table.get("server", {}), env, server or {}),
+        agent=_build(AgentConfig, table.get("agent", {}), env, agent or {}),
     )
     if not settings.server.loopback and not settings.server.api_keys:
         raise InvalidRequest(f"binding {settings.server.host} needs at least one API key (api_keys / VOXFLOW_API_KEYS)")
