@@ -156,15 +156,6 @@ async def test_a_finished_reply_ends_even_when_done_never_comes(double: ChatDoub
     assert await double.wait_client_went_away()
 
 
-async def test_a_long_reply_is_cut_at_max_reply_chars(double: ChatDouble, make_model) -> None:
-    double.script = ChatScript(["Hello", " there", Pause(5), " my friend"])
-    started = time.monotonic()
-    pieces = await collect(make_model(double.base_url, max_reply_chars=8))
-    assert pieces == ["Hello", " th"]
-    assert time.monotonic() - started < 4  # did not wait for the rest
-    assert await double.wait_client_went_away()
-
-
 # -- OpenAIChatModel: the consumer leaves --
 
 

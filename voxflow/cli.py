@@ -331,6 +331,48 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_turns(events: list, out) -> None:
+    """One line per turn: what was heard, what was answered, and how long each step took."""
+    by_turn: dict[int, dict] = {}
+    for event in events:
+        if event.type in ("transcript", "reply", "turn_metrics", "interrupted"):
+            by_turn.setdefault(event.turn, {})[event.type] = event
+    for turn, seen in sorted(by_turn.items()):
+        heard = seen["transcript"].text if "transcript" in seen else ""
+        replied = seen["reply"].text if "reply" in seen else ""
+        print(f"turn {turn}: heard {heard!r} -> replied {replied!r}", file=out)
+        if (m := seen.get("turn_metrics")) is not None:
+            print(f"  voice-to-voice {m.voice_to_voice_ms} ms = end of turn {m.end_of_turn_ms} + asr {m.asr_ms}"
+                  f" + llm {m.llm_first_token_ms} + tts {m.tts_first_audio_ms}", file=out)
+        if (cut := seen.get("interrupted")) is not None:
+            print(f"  interrupted by turn {cut.by_turn} after {cut.spoken!r}; audio stopped {cut.stop_ms} ms after the decision", file=out)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent.events import event_to_dict
+    from .agent.replay import replay
+    from .config import load_settings
+    from .streaming.engine import Engine
+
+    settings = load_settings(args.config, engine=_engine_flags(args), agent={
+        "llm": args.llm, "llm_base_url": args.llm_base_url, "llm_model": args.llm_model,
+        "asr": args.asr, "asr_base_url": args.asr_base_url, "system_prompt": args.system_prompt,
+        "speech_start_ms": args.speech_start_ms, "turn_end_ms": args.turn_end_ms,
+        "vad_aggressiveness": args.vad_aggressiveness,
+    })
+    engine = Engine(settings.engine)
+    try:
+        result = asyncio.run(replay(engine, settings.agent, args.input_wav, args.output_wav, args.events))
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps([event_to_dict(e) for e in result.events]))
+    else:
+        _print_turns(result.events, sys.stdout)
+        print(f"wrote {args.output_wav} ({result.output_seconds:.2f} s)" + (f" and {args.events}" if args.events else ""))
+    return 0 if result.settled else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxflow", description="Streaming neural text-to-speech.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -377,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     speak.add_argument("--tps", type=float, default=50.0, help="tokens per second (default 50)")
     speak.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     speak.set_defaults(func=cmd_speak)
+
+    agent = sub.add_parser("agent", help="replay a recorded call through the conversation agent, in real time")
+    agent.add_argument("--input-wav", required=True, help="the person's side of the call: 16-bit PCM WAV (mono, or mixed down)")
+    agent.add_argument("--output-wav", required=True, help="the bot's side, written on the same timeline")
+    agent.add_argument("--events", help="JSON-lines file of every event with its time")
+    agent.add_argument("--llm", choices=("echo", "openai"), help="echo (default: repeats the person) or openai")
+    agent.add_argument("--llm-base-url", help="OpenAI-compatible server for --llm openai (key: $OPENAI_API_KEY)")
+    agent.add_argument("--llm-model", help="model name for --llm openai")
+    agent.add_argument("--system-prompt")
+    agent.add_argument("--asr", choices=("pocketsphinx", "openai"), help="pocketsphinx (default, offline) or openai")
+    agent.add_argument("--asr-base-url", help="OpenAI-compatible /v1/audio/transcriptions server for --asr openai")
+    agent.add_argument("--speech-start-ms", type=int, help="speech before a turn starts (default 200)")
+    agent.add_argument("--turn-end-ms", type=int, help="silence that ends a turn (default 600)")
+    agent.add_argument("--vad-aggressiveness", type=int, choices=(0, 1, 2, 3), help="webrtcvad mode (default 2)")
+    agent.add_argument("--json", action="store_true", help="print the events as one JSON array")
+    _engine_args(agent)
+    agent.set_defaults(func=cmd_agent)
 
     voices = sub.add_parser("voices", help="list voices")
     voices.add_argument("--json", action="store_true")

@@ -21,7 +21,6 @@ class OpenAIChatModel(LanguageModel):
         base_url: str | None = None,
         api_key: str | None = None,
         timeout: float = 10.0,
-        max_reply_chars: int = 4000,
     ) -> None:
         base_url = base_url or None
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -36,7 +35,6 @@ class OpenAIChatModel(LanguageModel):
             api_key = "not-needed"
         self.model = model
         self.timeout = timeout
-        self.max_reply_chars = max_reply_chars
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -53,14 +51,14 @@ class OpenAIChatModel(LanguageModel):
             base_url=config.llm_base_url,
             api_key=config.llm_api_key,
             timeout=config.llm_timeout_seconds,
-            max_reply_chars=config.max_reply_chars,
         )
 
     async def stream(self, messages: Sequence[Message]) -> AsyncIterator[str]:
+        """A consumer that stops early should close the generator (contextlib.aclosing), which
+        releases the HTTP response at once rather than when it is collected."""
         loop = asyncio.get_running_loop()
         # The deadline runs while this waits for the model, not while the consumer holds a piece.
         deadline = loop.time() + self.timeout
-        left = self.max_reply_chars
         finished = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -89,11 +87,7 @@ class OpenAIChatModel(LanguageModel):
                         continue
                     choice = chunk.choices[0]
                     if choice.delta.content and not finished:
-                        piece = choice.delta.content[:left]
-                        left -= len(piece)
-                        yield piece
-                        if left == 0:
-                            return
+                        yield choice.delta.content
                         deadline = loop.time() + self.timeout
                     # Reading on to [DONE] rather than stopping here lets the SDK leave the
                     # connection reusable, which spares the next turn a TLS handshake.
@@ -110,6 +104,8 @@ class OpenAIChatModel(LanguageModel):
             # An error event in the stream: the server failed after it had begun the reply.
             kind = f" ({exc.code or exc.type})" if exc.code or exc.type else ""
             raise LanguageModelError(f"the LLM server failed mid-reply{kind}: {exc.message}") from exc
+        except ValueError as exc:  # the SDK's JSON decoding of a `data:` line that is not JSON
+            raise LanguageModelError(f"the LLM server sent a stream that is not JSON: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._client.close()
