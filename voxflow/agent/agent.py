@@ -111,6 +111,11 @@ class Agent:
             and all(node.inbox.empty() for node in self.graph.nodes)
         )
 
+    @property
+    def events_waiting(self) -> int:
+        """Events reported but not yet taken by the reader."""
+        return self._events.qsize()
+
     async def events(self) -> AsyncIterator[AgentEvent]:
         """Every event in order, until the agent is closed."""
         while (event := await self._events.get()) is not None:

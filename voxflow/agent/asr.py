@@ -35,5 +35,8 @@ class SpeechRecognizer(ABC):
     @abstractmethod
     def open_session(self) -> RecognitionSession: ...
 
+    async def warm_up(self) -> None:
+        """Load what the first session would otherwise wait for (a local model)."""
+
     async def aclose(self) -> None:
         """Release what the recognizer holds (models, HTTP clients)."""

@@ -78,6 +78,9 @@ class Graph:
         self._report = report
         self._next = {id(node): nxt for node, nxt in zip(self.nodes, self.nodes[1:])}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        # Tasks an interruption replaced: cancelled, but still owned until they have finished
+        # unwinding (closing an LLM response takes a few awaits), so aclose waits for them too.
+        self._retired: set[asyncio.Task[None]] = set()
         for node in self.nodes:
             node.graph = self
 
@@ -106,7 +109,11 @@ class Graph:
                 node.inbox.get_nowait()
             # The node's task may be half way through a frame (awaiting the LLM, or room in
             # the next inbox): it is replaced, so none of that frame's work resumes.
-            self._tasks[id(node)].cancel()
+            retired = self._tasks[id(node)]
+            retired.cancel()
+            if not retired.done():
+                self._retired.add(retired)
+                retired.add_done_callback(self._retired.discard)
             self._start(node)
             node.interrupt(frame)
 
@@ -114,7 +121,8 @@ class Graph:
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The retired ones were cancelled already; cancelling again would cut their unwinding short.
+        await asyncio.gather(*tasks, *self._retired, return_exceptions=True)
         for node in self.nodes:
             try:
                 await node.aclose()

@@ -110,6 +110,11 @@ class Playout:
                 continue
             item = self._items[0]
             if isinstance(item, ReplyDone):
+                # Done once its last frame has been heard, not when it was handed out.
+                if (wait := self.last_due_end - self.clock.now()) > 0:
+                    await asyncio.sleep(wait)
+                    if not self._items or self._items[0] is not item:  # cut meanwhile
+                        continue
                 self._items.popleft()
                 self._room.set()
                 self._on_done(item.context_id)

@@ -36,7 +36,9 @@ def read_call(path: str | Path) -> tuple[bytes, int]:
             width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
             data = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as exc:
-        raise InvalidAudio(f"{path}: not a PCM WAV file ({exc})") from None
+        raise InvalidAudio(f"{path}: not a PCM WAV file" + (f" ({exc})" if str(exc) else "")) from None
+    except OSError as exc:  # missing, a directory, unreadable: a message, not a traceback
+        raise InvalidAudio(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if width != 2:
         raise InvalidAudio(f"{path}: {8 * width}-bit samples; the agent takes 16-bit PCM")
     if channels > 1:

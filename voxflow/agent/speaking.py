@@ -84,6 +84,9 @@ class TtsNode(Node):
         self.options = StreamOptions(sample_rate=sample_rate, frame_ms=frame_ms, max_text_chars=engine.config.max_text_chars)
         self._stream: SynthesisStream | None = None
         self._pump: asyncio.Task[None] | None = None
+        # Streams and pumps dropped by an interruption, until they have finished unwinding:
+        # still owned here, so aclose waits for them.
+        self._unwinding: set[asyncio.Task[None]] = set()
 
     async def process(self, frame: ReplyText | ReplyEnd) -> None:
         stream = self._open(frame.turn)
@@ -91,10 +94,17 @@ class TtsNode(Node):
             await stream.push(frame.text)
             return
         await stream.end()
-        pump = self._pump
+        if self._pump is not None:
+            try:
+                await self._pump  # the next reply waits until this one's audio is all with the output
+            except asyncio.CancelledError:
+                # An interruption or closing: the stream stays held, so that interrupt() or
+                # aclose() cancels it; its synthesis may be far from done.
+                raise
+            except Exception:
+                self._drop()
+                raise
         self._stream = self._pump = None
-        if pump is not None:
-            await pump  # the next reply waits until this one's audio is all with the output
 
     def _open(self, turn: int) -> SynthesisStream:
         # A reply with no text still gets a (silent) stream: its end tells the output the
@@ -114,17 +124,22 @@ class TtsNode(Node):
         self._drop()
 
     def _drop(self) -> None:
+        dropped: list[asyncio.Task[None]] = []
         if self._stream is not None:
-            self._stream.cancel()
+            self._stream.cancel()  # no audio after this call; its task ends at the next await
+            dropped.append(asyncio.get_running_loop().create_task(self._stream.aclose(), name=f"voxflow-agent-tts-drop-{self._stream.context_id}"))
         if self._pump is not None:
             self._pump.cancel()
+            dropped.append(self._pump)
         self._stream = self._pump = None
+        for task in dropped:
+            if not task.done():
+                self._unwinding.add(task)
+                task.add_done_callback(self._unwinding.discard)
 
     async def aclose(self) -> None:
-        pump = self._pump
         self._drop()
-        if pump is not None:
-            await asyncio.gather(pump, return_exceptions=True)
+        await asyncio.gather(*self._unwinding, return_exceptions=True)
 
 
 class OutputNode(Node):
