@@ -8,12 +8,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import uvicorn
 import uvloop
 
-from voxflow.config import ServerConfig, Settings
+from voxflow.config import AgentConfig, ServerConfig, Settings
 from voxflow.streaming.engine import Engine
 from voxflow.transports.app import ServerState, create_app
 
@@ -38,11 +38,12 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(engine: Engine, **server_options) -> Iterator[RunningServer]:
-    """Serve `engine` with ServerConfig(**server_options) until the block exits."""
+def run_server(engine: Engine, *, agent: Mapping[str, Any] | None = None, **server_options) -> Iterator[RunningServer]:
+    """Serve `engine` with ServerConfig(**server_options) and AgentConfig(**agent) until the block exits."""
     port = free_port()
     server_cfg = replace(ServerConfig(), **{"port": port, "cache_enabled": False, **server_options})
-    app = create_app(Settings(engine=engine.config, server=server_cfg), engine=engine)
+    settings = Settings(engine=engine.config, server=server_cfg, agent=replace(AgentConfig(), **(agent or {})))
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", ws="websockets-sansio", lifespan="on", log_level="warning")
     server = uvicorn.Server(config)
     loop = uvloop.new_event_loop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -11,12 +12,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from voxflow.agent.events import (
+    EVENT_TYPES,
+    AgentError,
+    BotStarted,
+    BotStopped,
+    Interrupted,
+    ReplyEvent,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptEvent,
+    TurnMetrics,
+    event_from_dict,
+    event_to_dict,
+)
 from voxflow.streaming.framing import FRAME_MS_CHOICES, OUTPUT_RATES
 from voxflow.transports.native_protocol import (
+    AGENT_FRAME_MS,
     FRAME_MS,
     HEADER_SIZE,
+    LISTEN_RATES,
+    MAX_MICROPHONE_CHUNK_SECONDS,
     PROTOCOL,
     SAMPLE_RATES,
+    AgentMessage,
     AudioPacket,
     Cancel,
     Cancelled,
@@ -25,13 +44,17 @@ from voxflow.transports.native_protocol import (
     Error,
     Flush,
     Limits,
+    Listen,
+    Listening,
     Metrics,
+    MicrophoneAudio,
     Ping,
     Pong,
     ProtocolError,
     Ready,
     Start,
     Started,
+    StopListening,
     StyleSpec,
     Text,
     Word,
@@ -62,6 +85,27 @@ CLIENT_MESSAGES = [
     Ping("abc"),
     Ping(7),
     Ping(0.25),
+    Listen(),
+    Listen(sample_rate=8000, encoding="pcm_s16le", output_sample_rate=48000, voice="en_US-joe-medium", style="calm"),
+    StopListening(),
+]
+
+AGENT_EVENTS = [
+    SpeechStarted(1.3, 1, 1.02),
+    SpeechStopped(2.8, 1, 2.19),
+    SpeechStopped(31.0, 2, 30.5, forced=True),
+    TranscriptEvent(2.8125, 1, "turn on the lights"),
+    TranscriptEvent(2.8, 3, ""),
+    ReplyEvent(2.9, 1, "Turning them on."),
+    ReplyEvent(2.9, 1, "Turn", error="llm_timeout"),
+    BotStarted(2.96, 1),
+    BotStopped(4.1, 1, "done", "Turning them on."),
+    BotStopped(4.1, 1, "interrupted", ""),
+    Interrupted(5.0, 1, 2, "Turning", 61.5),
+    TurnMetrics(2.96, 1, 600.0, 12.0, 0.0, 147.0, 759.0),
+    TurnMetrics(3.5, 2, 600.0, None, None, None, None),
+    AgentError(1.0, "asr_error", "pocketsphinx failed", 1),
+    AgentError(0.5, "internal_error", "tts failed"),
 ]
 
 SERVER_MESSAGES = [
@@ -79,6 +123,8 @@ SERVER_MESSAGES = [
     Pong(),
     Pong("abc"),
     Pong(3),
+    Listening(16000, 24000, 20, "en_US-joe-medium"),
+    *(AgentMessage(event) for event in AGENT_EVENTS),
 ]
 
 
@@ -145,6 +191,115 @@ def test_numbers_are_converted_to_the_field_types():
 def test_protocol_constants_match_the_engine():
     assert SAMPLE_RATES == OUTPUT_RATES
     assert FRAME_MS == FRAME_MS_CHOICES
+
+
+def test_conversation_constants_match_the_agent():
+    from voxflow.agent.agent import MAX_CHUNK_SECONDS, OUTPUT_FRAME_MS
+    from voxflow.agent.vad import INPUT_RATES
+
+    assert LISTEN_RATES == INPUT_RATES
+    assert MAX_MICROPHONE_CHUNK_SECONDS == MAX_CHUNK_SECONDS
+    assert AGENT_FRAME_MS == OUTPUT_FRAME_MS
+
+
+# -- conversation mode ------------------------------------------------------------------------
+
+
+def test_agent_events_travel_in_their_events_file_form():
+    for event in AGENT_EVENTS:
+        assert json.loads(serialize_server(AgentMessage(event))) == {"type": "agent", "event": event_to_dict(event)}
+    # Every field, defaults included, and times to 0.1 ms.
+    wire = json.loads(serialize_server(AgentMessage(SpeechStopped(1.234567, 1, 0.98765))))
+    assert wire["event"] == {"type": "speech_stopped", "t": 1.2346, "turn": 1, "speech_end": 0.9877, "forced": False}
+    assert json.loads(serialize_client(Listen())) == {
+        "type": "listen", "sample_rate": 16000, "encoding": "pcm_s16le", "output_sample_rate": 24000,
+    }
+    assert json.loads(serialize_client(StopListening())) == {"type": "stop_listening"}
+
+
+def event_strategy(cls: type) -> st.SearchStrategy:
+    floats = st.floats(min_value=-1e6, max_value=1e9, allow_nan=False)
+    fields = {
+        "t": floats, "turn": st.integers(0, 2**40), "speech_start": floats, "speech_end": floats, "forced": st.booleans(),
+        "text": st.text(), "error": st.text(), "reason": st.sampled_from(["done", "interrupted"]), "spoken": st.text(),
+        "by_turn": st.integers(0, 2**40), "stop_ms": floats, "end_of_turn_ms": floats, "code": st.text(), "message": st.text(),
+        **{name: st.none() | floats for name in ("asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms")},
+    }
+    if cls is AgentError:
+        fields["turn"] = st.none() | st.integers(0, 2**40)
+    names = [f.name for f in dataclasses.fields(cls)]
+    return st.builds(cls, **{name: fields[name] for name in names})
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(*(event_strategy(cls) for cls in EVENT_TYPES.values())))
+def test_agent_messages_round_trip(event):
+    wire = serialize_server(AgentMessage(event))
+    parsed = parse_server(wire)
+    assert parsed == AgentMessage(event_from_dict(event_to_dict(event)))  # as rounded on the way out
+    assert serialize_server(parsed) == wire
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        None, 5, [], {}, {"type": "nope", "t": 1}, {"type": "reply"}, {"type": "bot_started", "t": 1},
+        {"type": "bot_started", "t": "1", "turn": 1}, {"type": "bot_started", "t": 1, "turn": 1.5},
+        {"type": "bot_stopped", "t": 1, "turn": 1, "reason": "bored", "spoken": ""},
+        {"type": "speech_stopped", "t": 1, "turn": 1, "speech_end": 1, "forced": 0},
+        {"type": "turn_metrics", "t": 1, "turn": 1, "end_of_turn_ms": None},
+    ],
+)
+def test_agent_messages_with_a_bad_event_are_refused(event):
+    with pytest.raises(ProtocolError) as info:
+        parse_server(json.dumps({"type": "agent", "event": event}))
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"type":"listen","sample_rate":11025}',
+        '{"type":"listen","sample_rate":"16000"}',
+        '{"type":"listen","sample_rate":16000.0}',
+        '{"type":"listen","output_sample_rate":11025}',
+        '{"type":"listen","output_sample_rate":true}',
+        '{"type":"listen","encoding":"opus"}',
+        '{"type":"listen","voice":7}',
+        '{"type":"listen","style":"furious"}',
+        '{"type":"listen","style":{"preset":"calm"}}',
+    ],
+)
+def test_invalid_listen(data):
+    err = error_of(data)
+    assert (err.code, err.context) == ("invalid_request", None)
+
+
+@pytest.mark.parametrize("rate", LISTEN_RATES)
+def test_microphone_audio_while_listening(rate):
+    most = bytes(2 * rate)  # one second
+    assert parse_client(most, audio_rate=rate) == MicrophoneAudio(most)
+    assert parse_client(memoryview(b"\x01\x02"), audio_rate=rate) == MicrophoneAudio(b"\x01\x02")
+    assert parse_client(b"", audio_rate=rate) == MicrophoneAudio(b"")
+    for bad in (b"\x01", most + b"\x00\x00", most + b"\x00"):
+        with pytest.raises(ProtocolError) as info:
+            parse_client(bad, audio_rate=rate)
+        assert (info.value.code, info.value.context) == ("invalid_audio", None)
+    # Text frames are still JSON messages while listening.
+    assert parse_client(serialize_client(StopListening()), audio_rate=rate) == StopListening()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=20_000), st.sampled_from(LISTEN_RATES))
+def test_microphone_audio_round_trips_or_is_invalid_audio(data, rate):
+    try:
+        msg = parse_client(data, audio_rate=rate)
+    except ProtocolError as exc:
+        assert exc.code == "invalid_audio"
+        assert len(data) % 2 or len(data) > 2 * rate
+    else:
+        assert serialize_client(msg) == data
+        assert parse_client(serialize_client(msg), audio_rate=rate) == msg
 
 
 # -- styles -----------------------------------------------------------------------------------
@@ -361,13 +516,14 @@ json_values = st.recursive(
     max_leaves=8,
 )
 message_fields = ["context", "text", "voice", "style", "speaker", "seed", "sample_rate", "encoding", "frame_ms", "id",
-                  "preset", "speed", "word", "start", "end", "code", "message", "voices", "limits", "rtf"]
+                  "preset", "speed", "word", "start", "end", "code", "message", "voices", "limits", "rtf",
+                  "output_sample_rate", "event"]
 
 
 @settings(max_examples=1000, deadline=None)
 @given(
     kind=st.sampled_from(["start", "text", "flush", "end", "cancel", "ping", "ready", "started", "word", "metrics",
-                          "done", "cancelled", "error", "pong", "other"]),
+                          "done", "cancelled", "error", "pong", "listen", "stop_listening", "listening", "agent", "other"]),
     body=st.dictionaries(st.sampled_from(message_fields), json_values, max_size=6),
 )
 def test_message_shaped_input_raises_only_protocol_errors(kind, body):
@@ -378,6 +534,26 @@ def test_message_shaped_input_raises_only_protocol_errors(kind, body):
         except ProtocolError:
             continue
         assert parse(serialize(msg)) == msg
+
+
+event_fields = ["t", "turn", "speech_start", "speech_end", "forced", "text", "error", "reason", "spoken", "by_turn",
+                "stop_ms", "end_of_turn_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms",
+                "code", "message"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    kind=st.sampled_from([*EVENT_TYPES, "other"]),
+    body=st.dictionaries(st.sampled_from(event_fields), json_values | st.sampled_from(["done", "interrupted"]), max_size=8),
+)
+def test_event_shaped_input_raises_only_protocol_errors(kind, body):
+    data = json.dumps({"type": "agent", "event": {**body, "type": kind}})
+    try:
+        msg = parse_server(data)
+    except ProtocolError as exc:
+        assert exc.code == "invalid_request"
+    else:
+        assert parse_server(serialize_server(msg)) == msg
 
 
 @settings(max_examples=300, deadline=None)
@@ -402,6 +578,7 @@ def test_the_client_direction_does_not_need_torch():
         "serialize_client(Start('c', style='happy', sample_rate=24000))\n"
         "parse_server(pack_audio('c', 0, 0.0, b''))\n"
         "parse_server(serialize_server(Done('c')))\n"
+        "parse_server(serialize_server(Listening(16000, 24000, 20, 'v')))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -3,6 +3,7 @@ on loopback, and what it reports on `window.voxflow.stats` is what a listener wo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -191,3 +192,61 @@ def test_leaving_the_page_ends_the_session(page, page_server):
     wait_for_sessions(page_server, before + 1)
     page.goto("about:blank")
     wait_for_sessions(page_server, before)
+
+
+# -- Talk: a conversation with the agent, Chromium's fake microphone playing a call -------------
+
+
+@pytest.fixture(scope="module")
+def call_wav(engine, tmp_path_factory) -> Path:
+    """A person asking for something, with room before and after; Chromium plays it in a loop."""
+    from conversation_audio import compose, write_wav
+
+    call = compose(engine, [("silence", 1.5), ("say", TALK_REQUEST), ("silence", 4.0)], rate=48_000, seed=11)
+    path = tmp_path_factory.mktemp("fake-mic") / "call.wav"
+    write_wav(path, call.audio, call.rate)
+    return path
+
+
+TALK_REQUEST = "turn on the kitchen lights"
+
+
+def conversation_tasks(server) -> list[str]:
+    """The server's agent, conversation and synthesis tasks (the session's own stay while the page is open)."""
+
+    async def names() -> list[str]:
+        prefixes = ("voxflow-agent", "voxflow-conversation", "voxflow-stream", "voxflow-pump")
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith(prefixes))
+
+    return server.call(names)
+
+
+def test_talk_hears_the_microphone_and_shows_the_turn(browser, page_server, call_wav):
+    from speech import word_error_rate
+
+    # A browser of its own: the fake microphone's file is a launch flag.
+    talker = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[*FLAGS, f"--use-file-for-fake-audio-capture={call_wav}"])
+    try:
+        page = talker.new_context(viewport={"width": 800, "height": 900}).new_page()
+        open_page(page, page_server.http + "/")
+        page.click("#talk")
+        page.wait_for_selector("#talk[aria-pressed=true]", timeout=5_000)
+        page.wait_for_function("voxflow.stats.listening", timeout=10_000)
+        page.wait_for_function("voxflow.stats.lastTurn !== null", timeout=30_000)
+        result = stats(page)
+        assert word_error_rate([TALK_REQUEST], [result["lastTranscript"]]) <= 0.5, result
+        assert result["lastTurn"]["voiceToVoiceMs"] > 0 and result["turns"] >= 1
+        assert page.locator("#v2v").inner_text().endswith(" ms")
+        assert page.locator("#log li.you").first.inner_text().strip() == result["lastTranscript"]
+        assert page.locator("#log li.bot").count() >= 1
+        page.click("#talk")
+        page.wait_for_selector("#talk[aria-pressed=false]", timeout=5_000)
+        assert not page.evaluate("voxflow.stats.listening")
+        assert page.locator("#mic[aria-pressed=false]").count() == 1  # Talk turned on the microphone, so it turns it off
+        assert page.locator("#error").is_hidden()
+        deadline = time.monotonic() + 10
+        while page_server.state.conversations or conversation_tasks(page_server):
+            assert time.monotonic() < deadline, f"still running after stop_listening: {conversation_tasks(page_server)}"
+            time.sleep(0.05)
+    finally:
+        talker.close()

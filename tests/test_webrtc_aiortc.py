@@ -133,6 +133,7 @@ class Peer:
     session_id: str
     messages: asyncio.Queue = field(default_factory=asyncio.Queue)
     audio: list[tuple[float, int, float]] = field(default_factory=list)  # (arrival, rate, rms)
+    pcm: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono int16 samples)
     reader: asyncio.Task | None = None
 
     def send(self, *messages) -> None:
@@ -152,6 +153,11 @@ class Peer:
     def loud_frames(self, since: float = 0.0) -> int:
         return sum(1 for at, _, level in self.audio if at >= since and level > SPEECH_RMS)
 
+    def heard(self, start: float, end: float) -> np.ndarray:
+        """What arrived on the track between two times (loop clock), as float samples."""
+        pieces = [pcm for at, pcm in self.pcm if start <= at <= end]
+        return np.concatenate(pieces).astype(np.float32) / 32768 if pieces else np.zeros(0, np.float32)
+
     async def close(self) -> None:
         await self.pc.close()
         if self.reader is not None:
@@ -166,7 +172,9 @@ async def _read_audio(track: MediaStreamTrack, peer: Peer) -> None:
         except MediaStreamError:
             return
         pcm = frame.to_ndarray()
-        peer.audio.append((loop.time(), frame.sample_rate, rms(pcm)))
+        arrival = loop.time()
+        peer.audio.append((arrival, frame.sample_rate, rms(pcm)))
+        peer.pcm.append((arrival, pcm.reshape(-1, len(frame.layout.channels)).mean(axis=1).astype(np.int16)))
 
 
 async def post_offer(server: RunningServer, body: object, headers: dict | None = None) -> httpx.Response:

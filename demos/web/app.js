@@ -1,5 +1,7 @@
 "use strict";
 // voxflow over WebRTC: protocol v1 JSON messages on a data channel, speech on the remote audio track.
+// Talk starts a conversation with the server's agent: it hears the microphone track and answers on
+// the same audio track; its events arrive as `agent` messages.
 
 const params = new URLSearchParams(location.search);
 // The API may live elsewhere than the page (?server=http://host:port); by default it is this origin.
@@ -19,10 +21,13 @@ const PACKET_POLL_MS = 250;
 // words must not pass for the silence that follows a real stop.
 const STOP_WATCH_MS = 1000;
 const TOKENS_PER_SECOND = 50;
+const MAX_LOG_ENTRIES = 200;
 
 const $ = (id) => document.getElementById(id);
 const stats = {
   firstAudioMs: null, packetsReceived: 0, audioLevel: 0, state: "disconnected", lastError: null, stopToSilenceMs: null,
+  // The conversation (Talk): lastTurn holds the latest turn's figures, in ms (null: that step did not happen).
+  listening: false, turns: 0, interruptions: 0, lastTurn: null, lastTranscript: null, lastReply: null,
 };
 
 let session = null; // {pc, dc, transceiver, id, analyser, audioCtx, samples, statsLevel}
@@ -35,6 +40,7 @@ let stopWatch = null; // {at, quietAt}
 let feeder = null;
 let typed = 0; // characters of the text box already sent while typing
 let micTrack = null;
+let talk = null; // {ownsMic, listenSent, turns: Map(turn -> {you, bot} log entries)} while Talk is on
 
 function showError(message) {
   stats.lastError = message;
@@ -99,6 +105,7 @@ async function connect() {
   dc.onclose = () => {
     if (session !== s) return;
     showError("the server closed the session");
+    endTalk();
     setState("disconnected");
   };
   const opened = new Promise((resolve) => { dc.onopen = resolve; });
@@ -130,6 +137,7 @@ function disconnect() {
   const s = session;
   session = connecting = current = stopWatch = null;
   stopFeeder();
+  endTalk();
   if (s) {
     if (s.id) fetch(`${API}/v1/webrtc/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE", keepalive: true }).catch(() => {});
     s.pc.close();
@@ -226,10 +234,20 @@ function onMessage(msg) {
     ctx.words.push({ el, start: msg.start, end: msg.end });
   } else if (msg.type === "metrics" && ctx) {
     ctx.audioSeconds = msg.audio_seconds;
+  } else if (msg.type === "listening") {
+    stats.listening = true;
+    logLine("note", "Listening — say something.");
+  } else if (msg.type === "agent") {
+    onAgentEvent(msg.event);
   } else if (msg.type === "error") {
     // A late cancel that found the audio already over: nothing was left to silence.
     if (msg.code === "unknown_context" && lateCancels.delete(msg.context)) return;
     showError(`${msg.code}: ${msg.message}`);
+    // Errors come in order: one without a context while `listen` is unanswered refuses it.
+    if (msg.context == null && talk && talk.listenSent && !stats.listening) {
+      talk.listenSent = false;
+      endTalk();
+    }
   }
   if (ctx && ["done", "cancelled", "error"].includes(msg.type)) {
     ctx.open = ctx.accepting = false;
@@ -323,24 +341,143 @@ async function onSpeak() {
   typed = 0;
 }
 
+async function micOn() {
+  if (micTrack) return;
+  if (!navigator.mediaDevices) throw new Error("the browser offers no microphone here (it needs https or localhost)");
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  micTrack = stream.getAudioTracks()[0];
+  showMic();
+  const s = await ensureConnected();
+  await s.transceiver.sender.replaceTrack(micTrack);
+}
+
+function micOff() {
+  if (!micTrack) return;
+  micTrack.stop();
+  micTrack = null;
+  showMic();
+  if (session) session.transceiver.sender.replaceTrack(null).catch(() => {});
+}
+
+function showMic() {
+  $("mic").textContent = micTrack ? "Mic on" : "Mic off";
+  $("mic").setAttribute("aria-pressed", String(Boolean(micTrack)));
+}
+
 async function toggleMic() {
   try {
-    if (micTrack) {
-      micTrack.stop();
-      micTrack = null;
-      if (session) await session.transceiver.sender.replaceTrack(null);
-    } else {
-      if (!navigator.mediaDevices) throw new Error("the browser offers no microphone here (it needs https or localhost)");
-      const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-      micTrack = stream.getAudioTracks()[0];
-      const s = await ensureConnected();
-      await s.transceiver.sender.replaceTrack(micTrack);
-    }
+    if (micTrack) micOff();
+    else await micOn();
   } catch (e) {
     showError(`microphone: ${e.message}`);
   }
-  $("mic").textContent = micTrack ? "Mic on" : "Mic off";
-  $("mic").setAttribute("aria-pressed", String(Boolean(micTrack)));
+}
+
+// -- Talk: a conversation with the agent ----------------------------------------------------
+
+async function startTalking() {
+  unlockAudio();
+  const t = { ownsMic: !micTrack, listenSent: false, turns: new Map() };
+  talk = t;
+  showTalk();
+  $("conversation").hidden = false;
+  await micOn(); // connects too
+  if (talk !== t) { // stopped while the microphone was opening
+    if (t.ownsMic) micOff();
+    return;
+  }
+  // A WebRTC session hears its microphone track and answers on its audio track, whatever the
+  // rates asked here; `listening` says what it uses.
+  send({ type: "listen" });
+  talk.listenSent = true;
+}
+
+function stopTalking() {
+  if (talk && talk.listenSent && session && session.dc.readyState === "open") send({ type: "stop_listening" });
+  if (stats.listening) logLine("note", "Stopped listening.");
+  endTalk();
+}
+
+// Talk is off, whatever ended it (the button, a refusal, a lost session); the server is told elsewhere.
+function endTalk() {
+  const t = talk;
+  talk = null;
+  stats.listening = false;
+  if (t && t.ownsMic) micOff();
+  showTalk();
+}
+
+function showTalk() {
+  $("talk").textContent = talk ? "Talking…" : "Talk";
+  $("talk").setAttribute("aria-pressed", String(Boolean(talk)));
+}
+
+async function toggleTalk() {
+  try {
+    if (talk) stopTalking();
+    else await startTalking();
+  } catch (e) {
+    showError(`talk: ${e.message}`);
+    endTalk();
+  }
+}
+
+function logLine(kind, text) {
+  const log = $("log");
+  const entry = document.createElement("li");
+  entry.className = kind;
+  entry.textContent = text;
+  log.append(entry);
+  while (log.children.length > MAX_LOG_ENTRIES) log.firstElementChild.remove();
+  log.scrollTop = log.scrollHeight;
+  return entry;
+}
+
+const ms = (value) => (value === null || value === undefined ? "–" : `${Math.round(value)} ms`);
+
+function showTurn(m) {
+  stats.lastTurn = {
+    turn: m.turn, voiceToVoiceMs: m.voice_to_voice_ms, endOfTurnMs: m.end_of_turn_ms, asrMs: m.asr_ms,
+    llmFirstTokenMs: m.llm_first_token_ms, ttsFirstAudioMs: m.tts_first_audio_ms,
+  };
+  $("v2v").textContent = ms(m.voice_to_voice_ms);
+  $("end-of-turn").textContent = ms(m.end_of_turn_ms);
+  $("asr").textContent = ms(m.asr_ms);
+  $("llm").textContent = ms(m.llm_first_token_ms);
+  $("tts").textContent = ms(m.tts_first_audio_ms);
+}
+
+// One agent event (voxflow/agent/events.py): the log keeps one "you" and one "bot" entry per turn.
+function onAgentEvent(e) {
+  if (!talk) return;
+  const turns = talk.turns;
+  const turn = (n) => turns.get(n) || turns.set(n, {}).get(n);
+  if (e.type === "speech_started") {
+    turn(e.turn).you = logLine("you pending", "…");
+  } else if (e.type === "transcript") {
+    const entry = turn(e.turn);
+    entry.you = entry.you || logLine("you", "");
+    entry.you.className = e.text ? "you" : "you pending";
+    entry.you.textContent = e.text || "(nothing recognised)";
+    stats.lastTranscript = e.text;
+  } else if (e.type === "reply") {
+    turn(e.turn).bot = logLine("bot", e.text || "…");
+    if (e.error) turn(e.turn).bot.append(` (${e.error})`);
+    stats.lastReply = e.text;
+  } else if (e.type === "interrupted") {
+    stats.interruptions += 1;
+    const note = document.createElement("span");
+    note.className = "cut";
+    note.textContent = e.spoken ? `interrupted after “${e.spoken}”` : "interrupted before a word was heard";
+    (turn(e.turn).bot || logLine("note", "")).append(note);
+  } else if (e.type === "turn_metrics") {
+    stats.turns += 1;
+    showTurn(e);
+  } else if (e.type === "error") {
+    logLine("error", `${e.code}: ${e.message}`);
+  }
+  $("turns").textContent = `${stats.turns} · ${stats.interruptions}`;
+  for (const n of [...turns.keys()].slice(0, -8)) turns.delete(n); // only recent turns get late events
 }
 
 async function loadVoices() {
@@ -404,6 +541,7 @@ const reportError = (e) => showError(e.message);
 $("speak").onclick = () => onSpeak().catch(reportError);
 $("stop").onclick = () => { try { stop(); } catch (e) { reportError(e); } };
 $("mic").onclick = toggleMic;
+$("talk").onclick = toggleTalk;
 $("connect").onclick = () => (session || connecting ? disconnect() : ensureConnected().catch(() => {}));
 $("text").addEventListener("input", () => { try { onType(); } catch (e) { reportError(e); } });
 window.addEventListener("pagehide", disconnect);
@@ -411,6 +549,6 @@ setInterval(poll, POLL_MS);
 setInterval(() => pollPackets().catch(() => {}), PACKET_POLL_MS);
 requestAnimationFrame(render);
 
-window.voxflow = { stats, speak, stop, connect: ensureConnected, disconnect };
+window.voxflow = { stats, speak, stop, connect: ensureConnected, disconnect, talk: toggleTalk };
 loadVoices().catch(reportError);
 ensureConnected().catch(() => {});

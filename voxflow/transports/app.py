@@ -2,7 +2,8 @@
 
 Voices are loaded and warmed in the lifespan before the server reports ready, so the first
 request is as fast as the hundredth; the warm-up phrases are spoken into the audio cache then
-too, so their first request is already a replay.
+too, so their first request is already a replay. The agent's recognizer and LLM, shared by every
+conversation, are made (and the recognizer warmed) there as well.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from ..agent.asr import SpeechRecognizer
+from ..agent.llm import LanguageModel
 from ..config import Settings
 from ..errors import VoxflowError
 from ..streaming.audio_cache import AudioCache
@@ -25,6 +28,7 @@ from ..streaming.engine import Engine
 from ..streaming.events import StreamEnd
 from .auth import RateLimiter
 from .contexts import ContextSet, Deliver
+from .conversations import LiveConversation, agent_plugins
 from .elevenlabs_ws import install as install_elevenlabs
 from .http_errors import error_response, install_error_handlers
 from .metrics import ServerMetrics
@@ -48,6 +52,10 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     connections: set[ContextSet] = field(default_factory=set)
+    conversations: set[LiveConversation] = field(default_factory=set)  # admitted against AgentConfig.max_conversations
+    # The agent's plug-ins, one of each for every conversation (set in the lifespan).
+    recognizer: SpeechRecognizer | None = None
+    llm: LanguageModel | None = None
     # Long-running services beside the HTTP app (MQTT bridge, Wyoming server): each is entered
     # in the lifespan once the voices are warm and exited at shutdown.
     services: list[Callable[["ServerState"], AbstractAsyncContextManager[None]]] = field(default_factory=list)
@@ -132,6 +140,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         cache = await _start_cache(state)
         services = AsyncExitStack()
         try:
+            # Before `ready`, so that no conversation's first turn waits for a speech model.
+            await services.enter_async_context(agent_plugins(state))
             for service in state.services:
                 await services.enter_async_context(service(state))
             state.ready = True

@@ -1,8 +1,11 @@
 """The native protocol's server side, whatever carries its messages (a WebSocket, a WebRTC
-data channel): client frames -> ContextSet calls, with errors answered as `error` messages.
+data channel): client frames -> ContextSet calls and the connection's conversation, with errors
+answered as `error` messages.
 
-A carrier supplies `reply` (one server message out, raising Disconnected once it cannot) and
-its own `deliver` for the ContextSet, which uses `cancelled` and `end_messages` from here.
+A carrier supplies `reply` (one server message out, raising Disconnected once it cannot), its
+own `deliver` for the ContextSet, which uses `cancelled` and `end_messages` from here, and
+`conversation_audio`, the audio side of a conversation on that carrier; it calls
+`end_conversation` when the connection goes.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from ..agent.events import AgentEvent
 from ..errors import VoxflowError
 from ..streaming.events import StreamEnd
 from .contexts import ContextRequest, ContextSet
+from .conversations import ConversationAudio, LiveConversation, open_conversation
 from .native_protocol import (
+    AGENT_FRAME_MS,
+    AgentMessage,
     Cancel,
     Cancelled,
     ClientMessage,
@@ -22,7 +29,10 @@ from .native_protocol import (
     Error,
     Flush,
     Limits,
+    Listen,
+    Listening,
     Metrics,
+    MicrophoneAudio,
     Ping,
     Pong,
     ProtocolError,
@@ -30,6 +40,7 @@ from .native_protocol import (
     ServerMessage,
     Start,
     Started,
+    StopListening,
     Text,
     parse_client,
 )
@@ -40,6 +51,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 Reply = Callable[[ServerMessage], Awaitable[None]]
+AudioFor = Callable[[Listen], ConversationAudio]
 
 
 class Disconnected(VoxflowError):
@@ -60,6 +72,7 @@ class NativeDispatch:
         state: ServerState,
         contexts: ContextSet,
         reply: Reply,
+        conversation_audio: AudioFor,
         *,
         sample_rate: int | None = None,
         frame_ms: int | None = None,
@@ -67,9 +80,11 @@ class NativeDispatch:
         self.state = state
         self.contexts = contexts
         self.reply = reply
+        self.conversation_audio = conversation_audio
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         self.cancelled: set[str] = set()  # contexts whose remaining audio must not go out
+        self._conversation: LiveConversation | None = None
 
     def ready(self) -> Ready:
         config = self.state.settings.server
@@ -89,8 +104,10 @@ class NativeDispatch:
         if isinstance(data, str) and len(data) > limit:
             await self.error(None, VoxflowError(f"message of {len(data)} characters; at most {limit}", code="limit_exceeded"))
             return
+        conversation = self.conversation
+        audio_rate = conversation.input_rate if conversation is not None and conversation.fed_by_carrier else None
         try:
-            msg = parse_client(data)
+            msg = parse_client(data, audio_rate=audio_rate)
         except ProtocolError as exc:
             await self.error(exc.context, exc)
             return
@@ -131,6 +148,48 @@ class NativeDispatch:
                     self.cancelled.add(context)
             case Ping(id=ping_id):
                 await self.reply(Pong(ping_id))
+            case MicrophoneAudio(pcm=pcm):
+                # Parsed as audio only while a conversation was open, and no await since.
+                assert self._conversation is not None
+                await self._conversation.feed(pcm)
+            case Listen():
+                await self._listen(msg, identity)
+            case StopListening():
+                if self.conversation is None:
+                    raise VoxflowError("no conversation is open on this connection", code="not_listening")
+                await self.end_conversation()
+
+    @property
+    def conversation(self) -> LiveConversation | None:
+        """The connection's conversation, while it is open."""
+        if self._conversation is not None and self._conversation.closed:
+            self._conversation = None
+        return self._conversation
+
+    async def _listen(self, msg: Listen, identity: str) -> None:
+        if self.conversation is not None:
+            raise VoxflowError("a conversation is already open on this connection; send stop_listening first", code="already_listening")
+        self.state.limiter.check(identity)
+        conversation = open_conversation(
+            self.state, self.conversation_audio(msg), voice=msg.voice, style=msg.style, send=self._send_event
+        )
+        self._conversation = conversation
+        try:
+            await self.reply(Listening(conversation.input_rate, conversation.sample_rate, AGENT_FRAME_MS, conversation.voice))
+        except BaseException:
+            await self.end_conversation()
+            raise
+        # Only now: no event of the conversation may overtake `listening`.
+        conversation.start()
+
+    async def _send_event(self, event: AgentEvent) -> None:
+        await self.reply(AgentMessage(event))
+
+    async def end_conversation(self) -> None:
+        """Ends the connection's conversation, if one is open; nothing of it is sent after this."""
+        conversation, self._conversation = self._conversation, None
+        if conversation is not None:
+            await conversation.aclose()
 
     async def _open(self, msg: Start, identity: str) -> None:
         if self.state.draining:

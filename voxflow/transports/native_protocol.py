@@ -15,8 +15,9 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from functools import cache
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Literal, Union
 
+from ..agent.events import EVENT_TYPES, AgentEvent, event_from_dict, event_to_dict
 from ..errors import VoxflowError
 from ..voices.styles import Style, resolve_style
 
@@ -27,6 +28,11 @@ FRAME_MS = (10, 20, 40, 60, 100)
 ENCODINGS = ("pcm_s16le",)
 MAX_CONTEXT_BYTES = 64  # the audio header stores the context id's length in one byte, capped by the spec
 MAX_SEED = 2**64 - 1  # what a torch generator accepts
+# Conversation mode: the microphone rates the agent takes (a test keeps them equal), the most
+# audio one binary frame may carry, and the size of the reply's audio frames.
+LISTEN_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+MAX_MICROPHONE_CHUNK_SECONDS = 1.0
+AGENT_FRAME_MS = 20
 
 AUDIO_VERSION = 1
 _HEADER = struct.Struct("<BBHIQ")  # version, context length, reserved, seq, pts (µs)
@@ -61,7 +67,7 @@ def _check_context(value: object) -> None:
         raise _invalid(f"context must be a string of 1 to {MAX_CONTEXT_BYTES} UTF-8 bytes, got {value!r:.80}")
 
 
-def _check_choice(name: str, value: object, allowed: tuple, context: str) -> None:
+def _check_choice(name: str, value: object, allowed: tuple, context: str | None) -> None:
     if type(value) is not type(allowed[0]) or value not in allowed:
         raise _invalid(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r:.80}", context)
 
@@ -164,7 +170,42 @@ class Ping:
     id: str | int | float | None = None
 
 
-ClientMessage = Start | Text | Flush | End | Cancel | Ping
+@dataclass(frozen=True)
+class Listen:
+    """Start a conversation with the agent on this connection (see "Conversation (agent) mode")."""
+
+    type: ClassVar[str] = "listen"
+    sample_rate: int = 16000  # of the microphone audio the client sends
+    encoding: str = "pcm_s16le"
+    output_sample_rate: int = 24000  # of the bot's reply audio
+    voice: str | None = None  # None: the agent's configured voice
+    style: str | None = None  # a style preset name; None: the agent's configured style
+
+    def __post_init__(self) -> None:
+        _check_choice("sample_rate", self.sample_rate, LISTEN_RATES, None)
+        _check_choice("encoding", self.encoding, ENCODINGS, None)
+        _check_choice("output_sample_rate", self.output_sample_rate, SAMPLE_RATES, None)
+        if self.style is not None:
+            try:
+                resolve_style(self.style)
+            except VoxflowError as exc:
+                raise _invalid(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class StopListening:
+    type: ClassVar[str] = "stop_listening"
+
+
+@dataclass(frozen=True)
+class MicrophoneAudio:
+    """A binary frame while listening: mono PCM16 LE at the listen rate, no header."""
+
+    type: ClassVar[str] = "microphone_audio"  # not a JSON message: binary frames only
+    pcm: bytes
+
+
+ClientMessage = Start | Text | Flush | End | Cancel | Ping | Listen | StopListening | MicrophoneAudio
 
 
 # -- server messages --------------------------------------------------------------------------
@@ -242,7 +283,27 @@ class Pong:
     id: str | int | float | None = None
 
 
-ServerMessage = Ready | Started | Word | Metrics | Done | Cancelled | Error | Pong
+@dataclass(frozen=True)
+class Listening:
+    """The answer to `listen`: the formats the conversation actually uses."""
+
+    type: ClassVar[str] = "listening"
+    sample_rate: int
+    output_sample_rate: int
+    frame_ms: int
+    voice: str
+
+
+@dataclass(frozen=True)
+class AgentMessage:
+    """One of the agent's events (voxflow/agent/events.py), wrapped so that its types never
+    collide with the protocol's own."""
+
+    type: ClassVar[str] = "agent"
+    event: AgentEvent
+
+
+ServerMessage = Ready | Started | Word | Metrics | Done | Cancelled | Error | Pong | Listening | AgentMessage
 
 
 @dataclass(frozen=True)
@@ -259,16 +320,20 @@ class AudioPacket:
         return self.pts_us / 1_000_000
 
 
-_CLIENT_TYPES: dict[str, type] = {cls.type: cls for cls in (Start, Text, Flush, End, Cancel, Ping)}
+_CLIENT_TYPES: dict[str, type] = {cls.type: cls for cls in (Start, Text, Flush, End, Cancel, Ping, Listen, StopListening)}
 _SERVER_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (Ready, Started, Word, Metrics, Done, Cancelled, Error, Pong)
+    cls.type: cls for cls in (Ready, Started, Word, Metrics, Done, Cancelled, Error, Pong, Listening, AgentMessage)
 }
+_EVENT_CLASSES = tuple(EVENT_TYPES.values())
 
 
 # -- JSON -------------------------------------------------------------------------------------
 
 
-def serialize_client(msg: ClientMessage) -> str:
+def serialize_client(msg: ClientMessage) -> str | bytes:
+    """A JSON text, or the raw bytes of microphone audio."""
+    if isinstance(msg, MicrophoneAudio):
+        return msg.pcm
     return _dumps(msg)
 
 
@@ -276,10 +341,16 @@ def serialize_server(msg: ServerMessage) -> str:
     return _dumps(msg)
 
 
-def parse_client(data: str | bytes) -> ClientMessage:
-    """One client frame -> its message. Binary frames carry nothing a client may send."""
+def parse_client(data: str | bytes, *, audio_rate: int | None = None) -> ClientMessage:
+    """One client frame -> its message.
+
+    audio_rate: the microphone rate of the conversation the connection has open, when its
+    audio comes in binary frames; without one, binary frames carry nothing a client may send.
+    """
     if not isinstance(data, str):
-        raise ProtocolError("binary_not_expected", "binary frames are not expected from clients; send JSON in text frames")
+        if audio_rate is None:
+            raise ProtocolError("binary_not_expected", "binary frames are not expected from clients; send JSON in text frames (or `listen` first)")
+        return _microphone_audio(data, audio_rate)
     msg = _parse(data, _CLIENT_TYPES)
     if isinstance(msg, Start):
         msg.resolved_style()
@@ -297,6 +368,16 @@ def parse_server(data: str | bytes) -> ServerMessage | AudioPacket:
     return _parse(data, _SERVER_TYPES)
 
 
+def _microphone_audio(data: bytes | bytearray | memoryview, rate: int) -> MicrophoneAudio:
+    size = len(data)
+    if size % 2:
+        raise ProtocolError("invalid_audio", f"microphone audio is 16-bit samples: {size} bytes is not a whole number of them")
+    limit = int(MAX_MICROPHONE_CHUNK_SECONDS * rate) * 2
+    if size > limit:
+        raise ProtocolError("invalid_audio", f"{size} bytes of audio in one frame; at most {limit} ({MAX_MICROPHONE_CHUNK_SECONDS:g} s at {rate} Hz)")
+    return MicrophoneAudio(bytes(data))
+
+
 def _dumps(msg: Any) -> str:
     # Non-ASCII text stays as is: escaping it would count up to 6 characters per character
     # against the server's message size limit.
@@ -304,6 +385,8 @@ def _dumps(msg: Any) -> str:
 
 
 def _to_json(obj: Any) -> Any:
+    if isinstance(obj, _EVENT_CLASSES):
+        return event_to_dict(obj)  # the events file's form: every field, times to 0.1 ms
     if is_dataclass(obj):
         # An optional field left at its default (None, or a flag left off) is omitted; a
         # required field that may be null is kept.
@@ -366,6 +449,8 @@ def _allows_none(hint: Any) -> bool:
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """A JSON value checked against (and shaped into) a field's annotated type."""
+    if hint is AgentEvent:
+        return _agent_event(value, where)
     if typing.get_origin(hint) in (Union, types.UnionType):
         for arm in typing.get_args(hint):
             try:
@@ -388,6 +473,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
+    elif typing.get_origin(hint) is Literal:
+        if any(type(value) is type(choice) and value == choice for choice in typing.get_args(hint)):
+            return value
     elif typing.get_origin(hint) is tuple:
         if isinstance(value, list):
             item = typing.get_args(hint)[0]
@@ -398,6 +486,15 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     else:
         raise TypeError(f"no JSON form for {hint!r}")
     raise _invalid(f"{where} has the wrong type: {value!r:.80}")
+
+
+def _agent_event(value: Any, where: str) -> AgentEvent:
+    kind = value.get("type") if isinstance(value, dict) else None
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise _invalid(f"{where} must be an agent event, with type one of {', '.join(EVENT_TYPES)}; got {value!r:.80}")
+    # Rounded as event_to_dict rounds on the way out, so a parsed event serializes unchanged.
+    return event_from_dict(event_to_dict(_from_json(cls, value, f"{where}.{kind}")))
 
 
 # -- binary audio frames ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The native streaming endpoint, `/v1/stream` (docs/protocol.md): socket <-> ContextSet.
+"""The native streaming endpoint, `/v1/stream` (docs/protocol.md): socket <-> ContextSet and
+the socket's conversation with the agent.
 
 The protocol itself lives in native_protocol, its server side in native_dispatch (shared with
-the WebRTC data channel) and the contexts in ContextSet; this module only admits connections
-and moves frames between the socket and the dispatcher.
+the WebRTC data channel), the contexts in ContextSet and conversations in conversations; this
+module only admits connections and moves frames between the socket and the dispatcher.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from ..errors import VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
 from .auth import check_key, presented_key
+from .conversations import ConversationAudio
 from .native_dispatch import Disconnected, NativeDispatch
-from .native_protocol import ServerMessage, Word, pack_audio, serialize_server
+from .native_protocol import Listen, ServerMessage, Word, pack_audio, serialize_server
 
 if TYPE_CHECKING:
     from .app import ServerState  # app imports this module to install it
@@ -26,6 +28,26 @@ if TYPE_CHECKING:
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
+# A conversation's reply audio goes out this long before it is due: the client's jitter buffer.
+REPLY_LEAD_SECONDS = 0.1
+
+
+class _SocketSink:
+    """The bot's reply as binary audio frames, each sent when the agent's playout hands it out.
+
+    What was sent is the client's: on a barge-in there is nothing here to drop, and the
+    `interrupted` event tells the client to drop what it still buffers of that reply.
+    """
+
+    def __init__(self, connection: _Connection, sample_rate: int) -> None:
+        self._connection = connection
+        self.sample_rate = sample_rate
+
+    async def play(self, frame: AudioFrame, due: float) -> None:
+        await self._connection.send_within(pack_audio(frame.context_id, frame.seq, frame.pts, frame.pcm))
+
+    def stop(self, context_id: str) -> None:
+        pass
 
 
 class _Connection:
@@ -36,10 +58,8 @@ class _Connection:
         self._send_lock = asyncio.Lock()
         self._notices: set[asyncio.Task[None]] = set()
         # Once a server drain has let its contexts finish, the socket closes with 1001.
-        self.contexts = state.connection_contexts(
-            self.deliver, after_drain=lambda: self.close(CLOSE_GOING_AWAY, "server shutting down")
-        )
-        self.dispatch = NativeDispatch(state, self.contexts, self._reply)
+        self.contexts = state.connection_contexts(self.deliver, after_drain=self._drained)
+        self.dispatch = NativeDispatch(state, self.contexts, self._reply, self._conversation_audio)
 
     async def run(self) -> None:
         key = presented_key(self.ws.headers) or self.ws.query_params.get("api_key")
@@ -68,6 +88,7 @@ class _Connection:
                 await self._receive_loop(identity)
             finally:
                 self.state.connections.discard(self.contexts)
+                await self.dispatch.end_conversation()
                 await self.contexts.close()
                 for task in self._notices:
                     task.cancel()
@@ -125,13 +146,27 @@ class _Connection:
             await self._send(frame)
 
     async def _reply(self, msg: ServerMessage) -> None:
-        """A control message from the receive loop: a client that reads nothing for
-        send_timeout is treated as gone, as a stalled context would be dropped."""
+        await self.send_within(serialize_server(msg))
+
+    async def send_within(self, *frames: str | bytes) -> None:
+        """Frames from outside a context's pump (answers, a conversation's events and audio): a
+        client that reads nothing for send_timeout is treated as gone, as a stalled context
+        would be dropped. From the receive loop that ends the connection; from a conversation,
+        the conversation."""
         try:
             async with asyncio.timeout(self.config.send_timeout_seconds):
-                await self._send(serialize_server(msg))
+                await self._send(*frames)
         except TimeoutError:
             raise Disconnected("the client stopped reading") from None
+
+    def _conversation_audio(self, listen: Listen) -> ConversationAudio:
+        return ConversationAudio(_SocketSink(self, listen.output_sample_rate), listen.sample_rate, REPLY_LEAD_SECONDS)
+
+    async def _drained(self) -> None:
+        # A conversation has no end of its own to wait for: it ends with the drain, before its
+        # socket closes under it.
+        await self.dispatch.end_conversation()
+        await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _refuse(self, exc: VoxflowError, close_code: int) -> None:
         await self.dispatch.error(None, exc)

@@ -9,11 +9,14 @@ Differences from the WebSocket carrier, all due to the audio going out on a real
 - `cancel` removes the context's queued audio at once, even when its synthesis has finished
   (then `done`, as on the WebSocket, otherwise `cancelled`); a `cancel` after `done` whose
   audio is still playing silences it and gets no answer.
+- A conversation (`listen`) hears the session's microphone track (16 kHz, from the moment of
+  `listen`), not binary frames, and speaks into the same FIFO; a barge-in removes the reply's
+  queued audio there at once.
 
 A session ends on DELETE, when its data channel or peer connection closes or fails (aiortc
 has no "disconnected" state: a peer that vanishes without closing fails its ICE consent checks
 after about 30 s), after idle_timeout with no data-channel message, no inbound RTP, no open
-context and no queued audio, on a server drain and at shutdown.
+context or conversation and no queued audio, on a server drain and at shutdown.
 """
 
 from __future__ import annotations
@@ -29,10 +32,20 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from ...errors import LimitExceeded, VoxflowError
 from ...streaming.events import AudioFrame, StreamEnd, StreamEvent
+from ..conversations import ConversationAudio
 from ..native_dispatch import Disconnected, NativeDispatch
-from ..native_protocol import Cancel, ClientMessage, Error, ServerMessage, Word, serialize_server
+from ..native_protocol import Cancel, ClientMessage, Error, Listen, ServerMessage, Word, serialize_server
 from .signaling import InvalidSdp, ice_configuration
-from .tracks import FRAME_MS, SAMPLE_RATE, Microphone, MicrophoneFrame, PlayoutQueue, PlayoutTrack, read_track
+from .tracks import (
+    FRAME_MS,
+    MICROPHONE_RATE,
+    SAMPLE_RATE,
+    Microphone,
+    MicrophoneFrame,
+    PlayoutQueue,
+    PlayoutTrack,
+    read_track,
+)
 
 if TYPE_CHECKING:
     from ..app import ServerState
@@ -44,11 +57,32 @@ PLAYOUT_SECONDS = 5
 MICROPHONE_SECONDS = 10  # kept for a reader; older audio is dropped
 INBOX_MESSAGES = 256  # data-channel messages waiting to be handled; more are refused
 CLOSE_TIMEOUT = 5.0  # for aiortc's own shutdown of the peer connection
+# A conversation's reply enters the FIFO this long before it is due, so the track, which takes
+# a frame every 20 ms on its own clock, never finds it empty in mid-reply.
+REPLY_LEAD_SECONDS = 0.06
+
+
+class _PlayoutSink:
+    """A conversation's reply into the session's play-out FIFO, frame for frame as the track plays it."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, playout: PlayoutQueue) -> None:
+        self._playout = playout
+
+    async def play(self, frame: AudioFrame, due: float) -> None:
+        await self._playout.wait_for_room()
+        self._playout.append(frame.context_id, frame.pcm)
+
+    def stop(self, context_id: str) -> None:
+        self._playout.discard(context_id)
 
 
 class _Dispatch(NativeDispatch):
     def __init__(self, session: WebRTCSession, state: ServerState) -> None:
-        super().__init__(state, session.contexts, session.reply, sample_rate=SAMPLE_RATE, frame_ms=FRAME_MS)
+        super().__init__(
+            state, session.contexts, session.reply, session.conversation_audio, sample_rate=SAMPLE_RATE, frame_ms=FRAME_MS
+        )
         self._playout = session.playout
 
     async def handle(self, msg: ClientMessage, identity: str) -> None:
@@ -105,6 +139,16 @@ class WebRTCSession:
         """The browser's microphone as 16 kHz mono PCM16 frames, until the session closes.
         One reader at a time; unread audio older than MICROPHONE_SECONDS is dropped."""
         return self.microphone.frames()
+
+    def conversation_audio(self, listen: Listen) -> ConversationAudio:
+        """The audio side of a conversation here: the track both ways, whatever `listen` asks."""
+        return ConversationAudio(_PlayoutSink(self.playout), MICROPHONE_RATE, REPLY_LEAD_SECONDS, self._microphone_from_now())
+
+    async def _microphone_from_now(self) -> AsyncIterator[bytes]:
+        # What the microphone heard before `listen` was not said to the agent.
+        self.microphone.clear()
+        async for frame in self.microphone_frames():
+            yield frame.pcm
 
     # -- data channel ---------------------------------------------------------------------
 
@@ -184,7 +228,7 @@ class WebRTCSession:
             remaining = self._last_activity + self.idle_timeout - loop.time()
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            elif len(self.contexts) or len(self.playout):  # speaking is not idling
+            elif len(self.contexts) or len(self.playout) or self.dispatch.conversation is not None:  # speaking or listening is not idling
                 self._touch()
             else:
                 _LOGGER.info("WebRTC session %s idle for %g s; closing", self.id, self.idle_timeout)
@@ -214,6 +258,7 @@ class WebRTCSession:
         try:
             self.state.connections.discard(self.contexts)
             self.microphone.close()
+            await self.dispatch.end_conversation()
             await self.contexts.close()  # cancels synthesis
             for task in self._tasks:
                 task.cancel()

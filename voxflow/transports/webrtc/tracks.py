@@ -173,6 +173,10 @@ class Microphone:
         self._samples += len(pcm) // 2
         self._arrived.set()
 
+    def clear(self) -> None:
+        """Forget the audio nobody has read yet (a new reader starts from now)."""
+        self._frames.clear()
+
     def close(self) -> None:
         self._closed = True
         self._arrived.set()
