@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import socket
 import string
 import threading
 import time
@@ -29,11 +28,7 @@ from typing import Any
 
 import uvicorn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_harness import free_port, serving_in_thread
 
 
 @dataclass(frozen=True)
@@ -272,17 +267,8 @@ def chat_double(script: ChatScript | None = None) -> Iterator[ChatDouble]:
     )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), name=f"openai-chat-double-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the chat double did not start")
-        time.sleep(0.01)
-    try:
-        yield double
-    finally:
-        double.begin_shutdown(loop)
-        server.should_exit = True
-        thread.join(timeout=30)
-        loop.close()
+    with serving_in_thread(server, loop, server.serve(), f"openai-chat-double-{port}"):
+        try:
+            yield double
+        finally:
+            double.begin_shutdown(loop)

@@ -13,8 +13,6 @@ import contextlib
 import email.parser
 import email.policy
 import io
-import threading
-import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from server_harness import free_port
+from server_harness import free_port, serving_in_thread
 from speech import transcribe
 
 
@@ -104,19 +102,10 @@ def transcription_double() -> Iterator[TranscriptionDouble]:
     app = Starlette(routes=[Route("/v1/audio/transcriptions", double._transcriptions, methods=["POST"])])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", lifespan="off", log_level="warning"))
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(double._serve(server),), name=f"transcription-double-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("transcription double did not start")
-        time.sleep(0.01)
-    try:
-        yield double
-    finally:
-        # Stalled handlers are let go first, or the server would wait for them to finish.
-        assert double._release is not None
-        loop.call_soon_threadsafe(double._release.set)
-        server.should_exit = True
-        thread.join(timeout=30)
-        loop.close()
+    with serving_in_thread(server, loop, double._serve(server), f"transcription-double-{port}"):
+        try:
+            yield double
+        finally:
+            # Stalled handlers are let go first, or the server would wait for them to finish.
+            assert double._release is not None
+            loop.call_soon_threadsafe(double._release.set)

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from openai_chat_double import ChatDouble, ChatScript, Pause, chat_double, free_port
+from openai_chat_double import ChatDouble, ChatScript, Pause, chat_double
+from server_harness import free_port
 from voxflow.agent.llm import EchoResponder, LanguageModelError, LanguageModelTimeout, Message
 from voxflow.agent.llm_openai import OpenAIChatModel
 from voxflow.config import AgentConfig

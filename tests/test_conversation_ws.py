@@ -4,9 +4,7 @@ client streams an engine-made call in real time and hears the echo agent answer.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -15,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from conversation_audio import compose, to_pcm16
-from server_harness import RunningServer, run_server
+from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from speech import transcribe, word_error_rate
 from test_native_ws import closed_with, greeted, open_socket, receive, wait_for
 from voxflow.agent.asr import RecognitionError
@@ -306,20 +304,11 @@ async def test_shutdown_ends_an_open_conversation_and_its_plugins(engine):
 
 async def test_a_client_that_stops_reading_loses_its_conversation(engine, call):
     with run_server(engine, send_timeout_seconds=1) as srv:
-        address = urlsplit(srv.ws)
-        sock = socket.socket()
-        # Tiny buffers on both ends, so a client that stops reading holds the server up at once.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((address.hostname, address.port))
-        sock.setblocking(False)
+        sock = small_buffer_socket(srv)
         async with connect(f"{srv.ws}/v1/stream", sock=sock, max_queue=1, proxy=None, compression=None) as ws:
             await greeted(ws)
 
-            async def shrink_server_send_buffers() -> None:
-                for protocol in srv.server.server_state.connections:
-                    protocol.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-
-            await asyncio.to_thread(srv.call, shrink_server_send_buffers)
+            await shrink_server_send_buffers(srv)
             await ws.send(serialize_client(Listen(output_sample_rate=48000)))
             streaming = asyncio.create_task(stream(ws, call))
             try:

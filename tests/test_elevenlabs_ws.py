@@ -14,14 +14,13 @@ import asyncio
 import base64
 import itertools
 import json
-import socket
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server_harness import RunningServer, run_server
+from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from test_elevenlabs_protocol import pipecat_word_times
 from voxflow.streaming.tokens import gpt_like_tokens
 
@@ -309,22 +308,13 @@ async def test_server_drain_lets_a_flushed_context_finish_then_closes_with_1001(
 
 async def test_slow_reader_loses_its_context_and_the_socket_carries_on(engine):
     with run_server(engine, send_timeout_seconds=1) as srv:
-        address = urlsplit(srv.ws)
-        sock = socket.socket()
-        # Tiny socket buffers on both ends, so a client that stops reading holds the server up at once.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((address.hostname, address.port))
-        sock.setblocking(False)
+        sock = small_buffer_socket(srv)
         async with connect(url(srv, output_format="pcm_48000"), sock=sock, max_queue=1, proxy=None, compression=None) as ws:
-
-            async def shrink_server_send_buffers() -> None:
-                for protocol in srv.server.server_state.connections:
-                    protocol.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
             async def slow_is_open() -> bool:
                 return any("slow" in c for c in srv.state.connections)
 
-            await asyncio.to_thread(srv.call, shrink_server_send_buffers)
+            await shrink_server_send_buffers(srv)
             await send(ws, {"text": PARAGRAPH * 4, "context_id": "slow"}, {"context_id": "slow", "flush": True})
             async with asyncio.timeout(TIMEOUT):  # not reading at all, until the server gives up on the context
                 while not await asyncio.to_thread(srv.call, slow_is_open):

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server_harness import RunningServer, run_server
+from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from voxflow.streaming.tokens import gpt_like_tokens
 from voxflow.transports.native_protocol import (
     PROTOCOL,
@@ -386,21 +384,11 @@ async def test_rate_limit(engine):
 
 async def test_slow_reader_loses_its_context_and_server_memory_stays_bounded(engine):
     with run_server(engine, send_timeout_seconds=1) as srv:
-        address = urlsplit(srv.ws)
-        sock = socket.socket()
-        # Tiny socket buffers on both ends, so a client that stops reading holds the server up at once.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((address.hostname, address.port))
-        sock.setblocking(False)
+        sock = small_buffer_socket(srv)
         async with connect(url(srv), sock=sock, max_queue=1, proxy=None, compression=None) as ws:
             await greeted(ws)
 
-            async def shrink_server_send_buffers() -> None:
-                # Else the kernel's autotuned send buffer (MBs) soaks up the audio for a while.
-                for protocol in srv.server.server_state.connections:
-                    protocol.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-
-            await asyncio.to_thread(srv.call, shrink_server_send_buffers)
+            await shrink_server_send_buffers(srv)
             await send(ws, Start("slow", sample_rate=48000), *(Text("slow", p) for p in [PARAGRAPH] * 4), End("slow"))
 
             async def probe():
