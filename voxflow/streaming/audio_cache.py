@@ -21,6 +21,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import unicodedata
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -294,7 +295,7 @@ class AudioCache:
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn, self._timeout)
             # In WAL mode NORMAL cannot corrupt the file; a power cut may lose the last stores.
             conn.execute("PRAGMA synchronous = NORMAL")
             with _write_transaction(conn):
@@ -333,6 +334,21 @@ class AudioCache:
         if self._conn is not None:
             self._conn.close()
         self._conn, self._file_id = None, None
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Switches the file to WAL (a no-op once it is). The switch can fail at once with
+    "database is locked" while another process opens the same new file: the connection's busy
+    timeout does not cover it, so it is retried here within the same timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextmanager
