@@ -23,6 +23,7 @@ correlation have a target only against --baseline (an earlier JSON of this bench
 items): half the baseline's distance.
 
     python benchmarks/fidelity.py [--items N] [--baseline PATH] [--check] [--out PATH]
+        [--lookahead-phonemes N] [--context-phonemes N] [--first-chunk-words N]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import jiwer
 import librosa
 import numpy as np
 import parselmouth
@@ -49,9 +51,11 @@ import torch
 from pocketsphinx import Decoder
 
 from voxflow.config import EngineConfig
-from voxflow.streaming.acoustic import AcousticState
+from voxflow.streaming.acoustic import AcousticOptions, AcousticState
+from voxflow.streaming.chunker import ChunkerOptions
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame, StreamEnd
+from voxflow.streaming.stream import StreamOptions
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.voices.styles import Style
 from voxflow.voices.vits.model import VitsSynthesizer
@@ -217,9 +221,9 @@ def _as_delivered(pcm: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32767.0
 
 
-async def render_streamed(engine: Engine, text: str, style: Style, tps: float) -> tuple[np.ndarray, int, float]:
+async def render_streamed(engine: Engine, text: str, style: Style, tps: float, options: StreamOptions) -> tuple[np.ndarray, int, float]:
     """(audio, rate, first audio in ms after the first token was pushed)."""
-    stream = engine.open_stream(style=style, cached=False, seed=SEED)
+    stream = engine.open_stream(style=style, cached=False, seed=SEED, options=options)
     first_push: float | None = None
 
     async def feed() -> None:
@@ -316,13 +320,9 @@ def words(text: str) -> list[str]:
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        current = [i]
-        for j, h in enumerate(hyp, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
-    return previous[-1]
+    """Word substitutions, deletions and insertions from `ref` to `hyp`."""
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp))
+    return out.substitutions + out.deletions + out.insertions
 
 
 @dataclass(frozen=True)
@@ -353,13 +353,13 @@ class ItemResult:
     first_audio_ms: dict[str, float]  # by token rate, default style
 
 
-async def measure(engine: Engine, transcribe: Transcriber, category: str, text: str) -> ItemResult:
+async def measure(engine: Engine, transcribe: Transcriber, category: str, text: str, options: StreamOptions) -> ItemResult:
     with recorded_durations() as whole_trace:
         whole, rate = render_whole(engine, text, QUIET)
     closeness: dict[str, Closeness] = {}
     for tps in RATES:
         with recorded_durations() as trace:
-            streamed, streamed_rate, _ = await render_streamed(engine, text, QUIET, tps)
+            streamed, streamed_rate, _ = await render_streamed(engine, text, QUIET, tps, options)
         if streamed_rate != rate:
             raise RuntimeError(f"streamed at {streamed_rate} Hz, whole at {rate} Hz")
         mcd, f0_corr = signal_distance(whole, streamed, rate)
@@ -374,14 +374,14 @@ async def measure(engine: Engine, transcribe: Transcriber, category: str, text: 
     heard = {"whole": hear(*render_whole(engine, text, NOISY))}
     first_audio: dict[str, float] = {}
     for tps in RATES:
-        audio, audio_rate, first_ms = await render_streamed(engine, text, NOISY, tps)
+        audio, audio_rate, first_ms = await render_streamed(engine, text, NOISY, tps, options)
         heard[str(tps)] = hear(audio, audio_rate)
         first_audio[str(tps)] = first_ms
     return ItemResult(category, text, len(reference), len(whole_trace.ids), whole_trace.frames, closeness, heard, first_audio)
 
 
-async def first_frame_after_flush(engine: Engine, text: str) -> float:
-    stream = engine.open_stream(cached=False, seed=SEED)
+async def first_frame_after_flush(engine: Engine, text: str, options: StreamOptions) -> float:
+    stream = engine.open_stream(cached=False, seed=SEED, options=options)
     start = time.perf_counter()
     await stream.push(text)
     await stream.flush()
@@ -501,23 +501,32 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=len(ITEMS), help="use only the first N items (a quick run)")
     parser.add_argument("--baseline", help="an earlier fidelity.json: MCD and F0 correlation must halve their distance from it")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    # The streaming settings whose defaults this benchmark chose (docs/ARCHITECTURE.md).
+    parser.add_argument("--lookahead-phonemes", type=int, default=AcousticOptions().lookahead_phonemes)
+    parser.add_argument("--context-phonemes", type=int, default=AcousticOptions().context_phonemes)
+    parser.add_argument("--first-chunk-words", type=int, default=ChunkerOptions().first_chunk_words)
     args = parser.parse_args()
     if not 1 <= args.items <= len(ITEMS):
         parser.error(f"--items must be in [1, {len(ITEMS)}]")
     items = ITEMS[: args.items]
     baseline = load_baseline(args.baseline, len(items)) if args.baseline else None
 
+    options = StreamOptions(
+        acoustic=AcousticOptions(context_phonemes=args.context_phonemes, lookahead_phonemes=args.lookahead_phonemes),
+        chunker=ChunkerOptions(first_chunk_words=args.first_chunk_words),
+    )
     engine = Engine(EngineConfig())
     await engine.warm_up()
     transcribe = Transcriber()
     results = []
     for n, (category, text) in enumerate(items, 1):
-        results.append(await measure(engine, transcribe, category, text))
+        results.append(await measure(engine, transcribe, category, text, options))
         print(f"[{n}/{len(items)}] {text}", file=sys.stderr)
-    flush_ms = [await first_frame_after_flush(engine, SIX_WORDS[i % len(SIX_WORDS)]) for i in range(FLUSH_RUNS)]
+    flush_ms = [await first_frame_after_flush(engine, SIX_WORDS[i % len(SIX_WORDS)], options) for i in range(FLUSH_RUNS)]
     engine.close()
 
-    result = {**stamp(), **summarize(results, flush_ms), "baseline": args.baseline}
+    settings = {"lookahead_phonemes": args.lookahead_phonemes, "context_phonemes": args.context_phonemes, "first_chunk_words": args.first_chunk_words}
+    result = {**stamp(), "settings": settings, **summarize(results, flush_ms), "baseline": args.baseline}
     rows, targets = judge(result, baseline)
     result["targets"] = targets
     result["per_item"] = [asdict(item) for item in results]

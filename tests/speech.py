@@ -6,6 +6,7 @@ import re
 from functools import lru_cache
 from typing import Iterable
 
+import jiwer
 import numpy as np
 import soxr
 
@@ -47,26 +48,13 @@ def normalize_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
 
 
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words (substitutions, insertions, deletions all cost 1)."""
-    previous = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        current = [i]
-        for j, h in enumerate(hyp, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
-    return previous[-1]
-
-
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     """Corpus WER: total word edits over total reference words (not a mean of per-line rates)."""
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    errors = words = 0
-    for ref, hyp in zip(refs, hyps):
-        ref_words = normalize_words(ref)
-        errors += edit_distance(ref_words, normalize_words(hyp))
-        words += len(ref_words)
-    if words == 0:
+    ref_words = [" ".join(normalize_words(ref)) for ref in refs]
+    if not any(ref_words):
         raise ValueError("references contain no words")
-    return errors / words
+    # jiwer counts a line without words as an error of its own; such lines add no words here.
+    pairs = [(ref, " ".join(normalize_words(hyp))) for ref, hyp in zip(ref_words, hyps) if ref]
+    return jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs]).wer

@@ -18,6 +18,7 @@ from voxflow.streaming.chunker import (
     ChunkerError,
     ChunkerOptions,
     ChunkerOverflow,
+    Cut,
     Flush,
     TextChunk,
     TextChunker,
@@ -52,20 +53,33 @@ def spoken_words(text: str) -> int:
 # -- chunking examples --------------------------------------------------------------------------
 
 
-def test_first_chunk_is_cut_at_the_first_clause() -> None:
+def test_a_short_first_clause_is_not_spoken_alone() -> None:
+    # "Happy birthday," alone would be said before the rest of its sentence exists.
     chunker = TextChunker()
-    assert chunker.push("Hello") == []
-    assert chunker.push(" there") == []
-    assert texts(chunker.push(",")) == ["Hello there,"]
-    assert chunker.push(" how") == []
+    assert chunker.push("Happy") == []
+    assert chunker.push(" birthday,") == []
+    assert chunker.push(" Emma") == []
+    assert chunker.push("!") == [TextChunk("Happy birthday, Emma!", 0, False, Cut.SENTENCE)]
 
 
-def test_first_chunk_is_cut_after_four_complete_words() -> None:
+@pytest.mark.parametrize("reply", ["Sure!", "Happy birthday, Emma!", "Got it, thanks.", "Not a problem."])
+def test_short_replies_are_one_chunk(reply: str) -> None:
+    assert [text for text in texts(feed(tokens(reply))) if text] == [reply]
+
+
+def test_the_first_chunk_waits_for_three_words_across_a_comma() -> None:
     chunker = TextChunker()
-    for fragment in ["The", " quick", " brown", " fox"]:
-        assert chunker.push(fragment) == []  # "fox" could still continue
-    assert chunker.push(" jumps") == [TextChunk("The quick brown fox", 0, False)]
-    assert chunker.pending_text == "jumps"
+    assert chunker.push("Hello there, how") == []
+    assert chunker.push(" are you") == [TextChunk("Hello there, how", 0, False, Cut.WORD)]
+    assert chunker.pending_text == "are you"
+
+
+def test_first_chunk_is_cut_after_three_complete_words() -> None:
+    chunker = TextChunker()
+    for fragment in ["The", " quick", " brown"]:
+        assert chunker.push(fragment) == []  # "brown" could still continue
+    assert chunker.push(" fox") == [TextChunk("The quick brown", 0, False, Cut.WORD)]
+    assert chunker.pending_text == "fox"
 
 
 def test_words_split_across_fragments_are_never_cut() -> None:
@@ -75,48 +89,61 @@ def test_words_split_across_fragments_are_never_cut() -> None:
     assert texts(chunker.push(" and")) == ["It is incredible"]
 
 
-def test_later_chunks_wait_for_boundaries_and_grow() -> None:
+def test_later_chunks_are_cut_at_every_clause_and_every_four_words() -> None:
     text = (
         "Sure, I can help. First, open the settings menu, then pick the display tab, and finally "
         "choose a theme you like best, because the default one is rather dull."
     )
-    assert texts(feed(tokens(text))) == [
-        "Sure,",
-        "I can help.",  # a sentence end cuts however short the chunk
-        "First, open the settings menu, then pick the display tab,",  # 6 words before a clause cut
-        "and finally choose a theme you like best, because the default one is rather dull.",  # then 10
+    assert [(chunk.text, chunk.cut) for chunk in feed(tokens(text))] == [
+        ("Sure, I can", Cut.WORD),  # the first chunk: three words, not the one-word clause
+        ("help.", Cut.SENTENCE),  # a sentence end cuts however short the chunk
+        ("First,", Cut.CLAUSE),  # later chunks: every clause, however short
+        ("open the settings menu,", Cut.CLAUSE),
+        ("then pick the display", Cut.WORD),  # a long clause after four words
+        ("tab,", Cut.CLAUSE),
+        ("and finally choose a", Cut.WORD),
+        ("theme you like best,", Cut.CLAUSE),
+        ("because the default one", Cut.WORD),
+        ("is rather dull.", Cut.SENTENCE),  # the final chunk from end()
     ]
 
 
-def test_min_words_schedule_is_configurable() -> None:
-    options = ChunkerOptions(first_chunk_words=2, min_words=(2,))
-    assert texts(feed(tokens("One two, three four, five six, seven."), options)) == [
-        "One two,",
-        "three four,",
-        "five six,",
-        "seven.",
-    ]
+@pytest.mark.parametrize(
+    ("later_chunk_words", "expected"),
+    [
+        (2, ["One two", "three four", "five six", "seven eight", "nine."]),
+        (3, ["One two", "three four five", "six seven eight", "nine."]),
+        (10, ["One two", "three four five six seven eight nine."]),
+    ],
+)
+def test_later_chunk_words_is_configurable(later_chunk_words: int, expected: list[str]) -> None:
+    options = ChunkerOptions(first_chunk_words=2, later_chunk_words=later_chunk_words)
+    assert texts(feed(tokens("One two three four five six seven eight nine."), options)) == expected
 
 
 def test_size_rules_restart_after_a_flush() -> None:
     chunker = TextChunker()
-    chunker.push("Okay, here we go now and then")
-    assert texts(chunker.flush()) == ["here we go now and then"]
-    assert texts(chunker.push("Again, more")) == ["Again,"]  # a first-chunk cut again
+    assert texts(chunker.push("Okay, here we go now and then")) == ["Okay, here we"]
+    assert texts(chunker.flush()) == ["go now and then"]
+    # a first-chunk cut again: three words, where a later chunk would have ended at "Again,"
+    assert texts(chunker.push("Again, some more words now")) == ["Again, some more"]
 
 
+# Each tricky token sits where a false boundary would show as a cut: a sentence end cuts even a
+# short first chunk, and a later chunk is cut at any boundary before its fourth word.
 @pytest.mark.parametrize(
-    ("text", "first"),
+    ("text", "expected"),
     [
-        ("Pi is about 3.14 and more text follows here.", "Pi is about 3.14"),
-        ("We need 1,000 units at 12:30 today, please.", "We need 1,000 units"),
-        ("Use e.g. the big one, for example.", "Use e.g. the big"),
-        ("Ask Dr. Smith about it, then leave.", "Ask Dr. Smith about"),
-        ("Go to https://example.com/a?b=1, now.", "Go to example.com,"),
+        ("Pi is about 3.14 and more text follows here.", ["Pi is about", "3.14 and more text", "follows here."]),
+        ("So we need 1,000 at 12:30 or so.", ["So we need", "1,000 at 12:30 or", "so."]),
+        ("Use e.g. the big one, for example.", ["Use e.g. the", "big one,", "for example."]),
+        ("Ask Dr. Smith about it, then leave.", ["Ask Dr. Smith", "about it,", "then leave."]),
+        ("Go to https://example.com/a?b=1, now.", ["Go to example.com,", "now."]),
+        ("Okay. See https://example.com/a?b=1 now, please.", ["Okay.", "See example.com now,", "please."]),
     ],
 )
-def test_numbers_abbreviations_and_urls_are_not_boundaries(text: str, first: str) -> None:
-    assert texts(feed(tokens(text)))[0] == first
+def test_numbers_abbreviations_and_urls_are_not_boundaries(text: str, expected: list[str]) -> None:
+    assert texts(feed(tokens(text))) == expected
 
 
 def test_period_waits_for_the_next_fragment() -> None:
@@ -124,14 +151,15 @@ def test_period_waits_for_the_next_fragment() -> None:
     assert chunker.push("Yes.") == []  # could still become "Yes.5" or the like
     assert texts(chunker.push(" No")) == ["Yes."]
     assert chunker.push(" it costs 3.") == []
-    assert chunker.push("50 each") == []
-    assert texts(chunker.end()) == ["No it costs 3.50 each"]
+    assert texts(chunker.push("50 each")) == ["No it costs 3.50"]  # four words, not a sentence end at "3."
+    assert texts(chunker.end()) == ["each"]
 
 
 def test_closing_quotes_and_markers_stay_with_their_sentence() -> None:
     chunks = feed(tokens('He said "stop." Then **it ended.** And more.'))
     assert texts(chunks) == ['He said "stop."', "Then it ended.", "And more."]
-    assert texts(feed(tokens("**Note:** this is it")))[0] == "Note:"
+    # in a later chunk, where a clause cuts however short: the markers do not hide the ":"
+    assert texts(feed(tokens("Okay. **Note:** this is it"))) == ["Okay.", "Note:", "this is it"]
 
 
 def test_line_breaks_end_headings_and_list_items() -> None:
@@ -145,14 +173,16 @@ def test_markdown_split_across_fragments_is_removed() -> None:
 
 
 def test_links_are_not_cut_inside() -> None:
-    chunks = feed(tokens("[Hello, world](https://x.com/a?b=1) is a site, really."))
-    assert texts(chunks)[0] == "Hello, world is a"
+    # in a later chunk, which would otherwise end at "Hello," and again after four words
+    chunks = feed(tokens("See this. [Hello, my dear old world](https://x.com/a?b=1) is a site."))
+    assert texts(chunks) == ["See this.", "Hello, my dear old world", "is a site."]
     assert "x.com" not in " ".join(texts(chunks))
 
 
 def test_cjk_characters_count_as_words_and_cjk_punctuation_cuts() -> None:
     chunks = feed(["你好世界", "，今天天气", "很好。我们去", "公园吧！"])
-    assert texts(chunks) == ["你好世界，", "今天天气很好。", "我们去公园吧！", ""]
+    # three characters for the first chunk, then every CJK clause and every four characters
+    assert texts(chunks) == ["你好世", "界，", "今天天气", "很好。", "我们去公", "园吧！", ""]
 
 
 def test_mixed_latin_and_cjk() -> None:
@@ -160,7 +190,7 @@ def test_mixed_latin_and_cjk() -> None:
 
 
 def test_hard_word_limit_cuts_at_a_word_boundary() -> None:
-    options = ChunkerOptions(first_chunk_words=2, max_words=5)
+    options = ChunkerOptions(first_chunk_words=2, later_chunk_words=10, max_words=5)
     chunks = feed(tokens("a b c d e f g h i j k l"), options)
     assert texts(chunks) == ["a b", "c d e f g", "h i j k l"]
 
@@ -183,17 +213,17 @@ def test_over_long_word_is_emitted_whole() -> None:
 def test_flush_returns_partial_words_as_a_final_chunk() -> None:
     chunker = TextChunker()
     chunker.push("Hi")
-    assert chunker.flush() == [TextChunk("Hi", 0, True)]
+    assert chunker.flush() == [TextChunk("Hi", 0, True, Cut.SENTENCE)]
     assert chunker.pending_text == ""
     chunker.push(" wor")
-    assert chunker.flush() == [TextChunk("wor", 1, True)]
+    assert chunker.flush() == [TextChunk("wor", 1, True, Cut.SENTENCE)]
     assert chunker.flush() == []
 
 
 def test_end_closes_the_chunker() -> None:
     chunker = TextChunker()
     chunker.push("Last words")
-    assert chunker.end() == [TextChunk("Last words", 0, True)]
+    assert chunker.end() == [TextChunk("Last words", 0, True, Cut.SENTENCE)]
     with pytest.raises(ChunkerClosed) as caught:
         chunker.push("more")
     assert isinstance(caught.value, ChunkerError) and isinstance(caught.value, ValueError)
@@ -206,12 +236,19 @@ def test_unspeakable_chunks_are_not_emitted() -> None:
     assert chunker.push("😀 **") == []
     assert chunker.flush() == []
     assert chunker.push("Then words.") == []
-    assert chunker.end() == [TextChunk("Then words.", 0, True)]
+    assert chunker.end() == [TextChunk("Then words.", 0, True, Cut.SENTENCE)]
 
 
 @pytest.mark.parametrize(
     "bad",
-    [{"min_words": ()}, {"min_words": (6, 0)}, {"max_words": 0}, {"first_chunk_words": 0}, {"stall_timeout_s": 0.0}],
+    [
+        {"later_chunk_words": 0},
+        {"later_chunk_words": -1},
+        {"max_words": 0},
+        {"max_chars": 0},
+        {"first_chunk_words": 0},
+        {"stall_timeout_s": 0.0},
+    ],
 )
 def test_options_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -336,7 +373,7 @@ _PROSE = st.lists(st.tuples(_PROSE_TOKEN, _SPACE), min_size=1, max_size=80).map(
 _OPTIONS = st.builds(
     ChunkerOptions,
     first_chunk_words=st.integers(1, 6),
-    min_words=st.lists(st.integers(1, 20), min_size=1, max_size=4).map(tuple),
+    later_chunk_words=st.integers(1, 20),
     max_words=st.integers(2, 40),
     max_chars=st.integers(10, 300),
 )
@@ -368,10 +405,11 @@ def test_property_words_survive_in_order_within_limits(text: str, cuts: list[int
     assert chunker.pending_text == ""
     assert [chunk.index for chunk in chunks] == list(range(len(chunks)))
     assert not any(chunk.final for chunk in pushed) and all(chunk.final for chunk in ended) and len(ended) <= 1
-    # (d) size limits, and an early first chunk
+    # (d) size limits, an early first chunk, and later chunks no longer than later_chunk_words
     check_limits(chunks, options)
     if pushed:
         assert spoken_words(pushed[0].text) <= options.first_chunk_words
+    assert all(spoken_words(chunk.text) <= options.later_chunk_words for chunk in pushed[1:])
 
 
 @settings(deadline=None, max_examples=300)
@@ -416,7 +454,7 @@ async def collect(source: AsyncIterator[str | Flush], options: ChunkerOptions) -
     return [chunk async for chunk in chunk_stream(source, options)]
 
 
-async def test_stall_speaks_the_buffered_text_before_the_source_resumes() -> None:
+async def test_a_stall_hands_out_the_buffered_text_as_a_pause_before_the_source_resumes() -> None:
     resumed = asyncio.Event()
 
     async def source() -> AsyncIterator[str]:
@@ -430,8 +468,8 @@ async def test_stall_speaks_the_buffered_text_before_the_source_resumes() -> Non
     async for chunk in chunk_stream(source(), ChunkerOptions(stall_timeout_s=0.05)):
         seen.append((chunk, resumed.is_set()))
     assert seen == [
-        (TextChunk("Hello there my", 0, True), False),
-        (TextChunk("friend.", 1, True), True),
+        (TextChunk("Hello there my", 0, False, Cut.PAUSE), False),  # the utterance stays open
+        (TextChunk("friend.", 1, True, Cut.SENTENCE), True),
     ]
 
 
@@ -441,7 +479,10 @@ async def test_flush_sentinel_and_exhaustion() -> None:
         yield FLUSH
         yield " there"
 
-    assert await collect(source(), ChunkerOptions()) == [TextChunk("Hi", 0, True), TextChunk("there", 1, True)]
+    assert await collect(source(), ChunkerOptions()) == [
+        TextChunk("Hi", 0, True, Cut.SENTENCE),
+        TextChunk("there", 1, True, Cut.SENTENCE),
+    ]
 
 
 async def test_source_errors_propagate() -> None:
@@ -506,12 +547,27 @@ def test_closing_an_utterance_whose_text_is_out_emits_an_empty_final_chunk() -> 
     assert chunker.flush() == []  # nothing new since: no marker
 
 
-async def test_a_stall_closes_an_utterance_whose_text_is_out() -> None:
+async def test_a_stall_after_text_is_out_is_reported_once_and_keeps_the_utterance_open() -> None:
     async def source():
         yield "Hello there friend. "
         await asyncio.sleep(0.3)
         yield "More."
 
     options = ChunkerOptions(stall_timeout_s=0.05)
-    got = [(c.text, c.final) async for c in chunk_stream(source(), options)]
-    assert got == [("Hello there friend.", False), ("", True), ("More.", True)]
+    got = [(c.text, c.final, c.cut) async for c in chunk_stream(source(), options)]
+    assert got == [
+        ("Hello there friend.", False, Cut.SENTENCE),
+        ("", False, Cut.PAUSE),  # one pause, not one per timeout
+        ("More.", True, Cut.SENTENCE),  # the end closes the utterance the pause kept open
+    ]
+
+
+def test_pause_reports_text_once_and_restarts_the_size_rules() -> None:
+    chunker = TextChunker()
+    assert chunker.pause() == []  # nothing said, nothing to report
+    assert texts(chunker.push("One two three four five")) == ["One two three"]
+    assert chunker.pause() == [TextChunk("four five", 1, False, Cut.PAUSE)]
+    assert chunker.pause() == []
+    # a first chunk again: three words, where a later chunk would have ended at "Six,"
+    assert texts(chunker.push("Six, seven eight nine ten")) == ["Six, seven eight"]
+    assert chunker.end() == [TextChunk("nine ten", 3, True, Cut.SENTENCE)]

@@ -55,7 +55,7 @@ def chunk_latents(voice, texts: list[str], seed: int = 0):
 
 def stitch(voice, latents, options: BlockOptions = BlockOptions()) -> tuple[np.ndarray, list[int]]:
     """Decode chunk latents the way a stream does; returns audio and the join sample positions."""
-    decoder = BlockDecoder(voice.model.dec, voice.hop_length, options)
+    decoder = BlockDecoder(voice.model.dec, voice.hop_length, voice.model.cfg.generator.receptive_frames, options)
     pieces, joins, total = [], [], 0
     for chunk in latents:
         joined = decoder.begin_chunk(chunk.z)
@@ -107,10 +107,13 @@ def test_chunk_joins_have_no_clicks(voice):
 def test_acoustic_cost_stays_flat_as_the_utterance_grows(voice):
     sentence = "Each new clause is encoded against a bounded window of earlier phonemes,"
     state, latents = chunk_latents(voice, [sentence] * 12)
-    lengths = state.encoded_lengths
+    lengths = list(state.encoded_lengths)
     middle_ids = len(voice.phonemizer.phonemize(sentence, bos=False, eos=False).ids)
-    # Every chunk after the first sees exactly the bounded window plus its own phonemes.
-    assert lengths[1:-1] == [state.options.phoneme_context + middle_ids] * 10
+    # Once earlier chunks fill the window, every chunk sees exactly it plus its own phonemes.
+    window = state.context_ids
+    filled = -(-window // middle_ids) + 1  # chunks before one whose left context is full
+    assert filled < 11
+    assert lengths[filled:-1] == [window + middle_ids] * (11 - filled)
     assert all(chunk.z.shape[2] > 0 for chunk in latents)
 
 

@@ -1,8 +1,12 @@
 """Incremental text chunker: LLM token fragments in, speakable chunks out.
 
-The first chunk of an utterance is cut early (a few words or the first clause) so audio starts
-quickly; later chunks wait for clause or sentence boundaries and grow, because longer chunks
-give the acoustic model better prosody. A hard size limit bounds every chunk.
+The first chunk of an utterance is cut after a few words, or at the sentence's end if that
+comes first, so audio can start quickly. A short first clause ("Happy birthday,") is not cut
+on its own: its words would be spoken before the rest of the sentence exists. Later chunks end
+at every clause or sentence boundary and every few words: the stream gathers them and decides
+how much to say at once (docs/ARCHITECTURE.md). A hard size limit bounds every chunk. Each
+chunk says how it was cut, so the stream knows whether the sentence goes on (hold back a
+lookahead), ended, or paused.
 
 The scanner walks each character once and remembers where it stopped, so pushing text costs
 time linear in its length however it is split into fragments. Positions are offsets in the whole
@@ -12,6 +16,7 @@ stream (not in the buffer), which lets the buffer drop emitted text without renu
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -22,27 +27,40 @@ from .text_cleanup import clean_for_speech
 
 @dataclass(frozen=True)
 class ChunkerOptions:
-    first_chunk_words: int = 4
-    # minimum words before a clause cut, for chunk 2, 3, 4+ of an utterance (the last value repeats)
-    min_words: tuple[int, ...] = (6, 10, 16)
+    first_chunk_words: int = 3
+    # Later chunks end at every clause or sentence boundary, and inside a long clause after
+    # this many words: the stream, not the chunker, decides how much text to say at once, so
+    # it must see words as soon as they are complete.
+    later_chunk_words: int = 4
+    clause_cuts: bool = True  # off: only sentence ends and the size caps cut (whole-text rendering)
     max_words: int = 40
     max_chars: int = 300
     stall_timeout_s: float = 0.25
     max_buffer_chars: int = 20_000  # push beyond this raises ChunkerOverflow (a bounded buffer)
 
     def __post_init__(self) -> None:
-        counts = (self.first_chunk_words, self.max_words, self.max_chars, self.max_buffer_chars, *self.min_words)
-        if not self.min_words or min(counts) < 1:
-            raise ValueError("chunker word and character limits must be positive and min_words non-empty")
+        counts = (self.first_chunk_words, self.later_chunk_words, self.max_words, self.max_chars, self.max_buffer_chars)
+        if min(counts) < 1:
+            raise ValueError("chunker word and character limits must be positive")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be positive")
 
 
+class Cut(enum.IntEnum):
+    """Where a chunk ends, by strength of the boundary."""
+
+    WORD = 0  # inside a clause (first chunk, size cap): the sentence goes on
+    CLAUSE = 1  # after , ; : -- the sentence goes on
+    SENTENCE = 2  # after . ! ? or a line break: nothing later changes how it is said
+    PAUSE = 3  # the text stalled: say all of it when the listener needs it; the sentence may go on
+
+
 @dataclass(frozen=True)
 class TextChunk:
-    text: str  # cleaned, speakable text; empty only in a final chunk that closes an utterance
+    text: str  # cleaned, speakable text; empty only in a final or pause chunk
     index: int  # 0, 1, 2... per chunker
-    final: bool  # emitted by flush()/end()/a stall: the engine releases all audio after it
+    final: bool  # emitted by flush()/end(): the utterance closes and all its audio is released
+    cut: Cut = Cut.WORD
 
 
 class ChunkerError(VoxflowError, ValueError):
@@ -127,7 +145,8 @@ class TextChunker:
         self._closed = False
         self._out: list[TextChunk] = []
         self._index = 0
-        self._run = 0  # chunks since the last final one; picks the size rules
+        self._run = 0  # chunks since the last final or pause one; picks the size rules
+        self._open = False  # chunks went out since the last final one: a flush must close them
         self._line_has_content = False
         # the chunk being built
         self._start = 0  # its first non-space offset (leading whitespace is skipped)
@@ -150,7 +169,7 @@ class TextChunker:
 
     @property
     def utterance_open(self) -> bool:
-        """Text came in since the last final chunk, so a flush would emit a final chunk."""
+        """Text came in since the last final or pause chunk: a stall has something to report."""
         return self._run > 0 or bool(self.pending_text)
 
     def push(self, fragment: str) -> list[TextChunk]:
@@ -175,8 +194,20 @@ class TextChunker:
         return self._take()
 
     def flush(self) -> list[TextChunk]:
+        return self._emit_all(final=True, cut=Cut.SENTENCE)
+
+    def pause(self) -> list[TextChunk]:
+        """The text stalled: everything buffered, as a non-final chunk that says so.
+
+        The next chunk is cut early again, like an utterance's first: the listener may be
+        waiting. A pause chunk is emitted even without text, so the stream learns of the stall.
+        """
+        return self._emit_all(final=False, cut=Cut.PAUSE)
+
+    def _emit_all(self, *, final: bool, cut: Cut) -> list[TextChunk]:
         end = self._base + len(self._buf)
-        self._emit(end, final=True)
+        self._emit(end, final=final, cut=cut, always=self._open if final else self._run > 0)
+        self._run = 0
         self._buf, self._base = "", end
         self._start = end
         self._token_start = -1
@@ -308,13 +339,13 @@ class TextChunker:
             if self._in_link():
                 return
             if self._run == 0:
-                wanted = kind != _NONE or self._words >= opts.first_chunk_words
+                wanted = kind == _SENTENCE or self._words >= opts.first_chunk_words
             else:
-                min_words = opts.min_words[min(self._run - 1, len(opts.min_words) - 1)]
-                wanted = kind == _SENTENCE or (kind == _CLAUSE and self._words >= min_words)
+                clause = kind == _CLAUSE and opts.clause_cuts
+                wanted = kind == _SENTENCE or clause or self._words >= opts.later_chunk_words
             if not wanted:
                 return
-        self._emit(at, final=False)
+        self._emit(at, final=False, cut=Cut(kind))
         self._start = at
 
     def _enforce_max_chars(self, i: int) -> None:
@@ -323,24 +354,24 @@ class TextChunker:
         # word, cut when it completes.
         if i + 1 - self._start <= self._opts.max_chars or self._last_word_end <= self._start:
             return
-        self._emit(self._last_word_end, final=False)
+        self._emit(self._last_word_end, final=False, cut=Cut.WORD)
         if self._token_start >= 0:
             self._start = self._token_start
             self._at_line_start = self._token_at_line_start
         else:
             self._start = i
 
-    def _emit(self, end: int, *, final: bool) -> None:
+    def _emit(self, end: int, *, final: bool, cut: Cut, always: bool = False) -> None:
         raw = self._buf[self._start - self._base : end - self._base]
         text = clean_for_speech(raw, at_line_start=self._at_line_start)
         # A final chunk is emitted even without text when earlier chunks left the utterance
-        # open: the engine needs the signal to close it and release the audio it holds.
-        if text or (final and self._run > 0):
-            self._out.append(TextChunk(text, self._index, final))
+        # open: the engine needs the signal to close it and release the audio it holds. So is
+        # a pause chunk after text: the engine must learn that it may say everything now.
+        if text or always:
+            self._out.append(TextChunk(text, self._index, final, cut))
             self._index += 1
             self._run += 1
-        if final:
-            self._run = 0
+            self._open = not final
         self._words = 0
         self._last_word_end = -1
 
@@ -352,7 +383,7 @@ class TextChunker:
 async def chunk_stream(
     fragments: AsyncIterator[str | Flush], options: ChunkerOptions = ChunkerOptions()
 ) -> AsyncIterator[TextChunk]:
-    """Chunk an async fragment source, speaking whatever is buffered when it stalls.
+    """Chunk an async fragment source; when it stalls, a pause chunk carries what is buffered.
 
     One `__anext__` of the source stays outstanding across stall timeouts: cancelling it to
     retry would throw into the source generator and finish it. Consumers that stop early should
@@ -369,7 +400,7 @@ async def chunk_stream(
             timeout = options.stall_timeout_s if chunker.utterance_open else None
             done, _ = await asyncio.wait((next_item,), timeout=timeout)
             if not done:
-                for chunk in chunker.flush():
+                for chunk in chunker.pause():
                     yield chunk
                 continue
             finished, next_item = next_item, None
@@ -383,7 +414,15 @@ async def chunk_stream(
             yield chunk
     finally:
         if next_item is not None:
-            next_item.cancel()
-            await asyncio.wait((next_item,))
-            if not next_item.cancelled():
-                next_item.exception()  # retrieved, so asyncio does not log it as lost
+            await discard(next_item)
+
+
+async def discard(pending: asyncio.Future[object]) -> None:
+    """Cancel an outstanding call and wait for it; an exception it ended with is dropped.
+
+    For the one `__anext__` kept outstanding across timeouts, on the way out.
+    """
+    pending.cancel()
+    await asyncio.wait((pending,))
+    if not pending.cancelled():
+        pending.exception()  # retrieved, so asyncio does not log it as lost

@@ -1,11 +1,13 @@
 """HiFi-GAN decoding in overlapping blocks, joined by a short crossfade.
 
 A block is decoded with up to `context_frames` latent frames on each side and cropped to its
-own span; the decoder's receptive field is about 10 frames, so inside a chunk the stitched
-audio equals a whole-chunk decode. The last `crossfade` samples of each block are held back
-and blended with the same span as re-decoded by the next block: inside a chunk both agree and
-the blend changes nothing; across a chunk join (where the earlier block had no right context)
-it removes the seam.
+own span. The context defaults to the voice's HiFi-GAN receptive field (computed from its
+configuration: 12 frames for medium voices), so inside a chunk the stitched audio equals a
+whole-chunk decode. A chunk's last block takes its right context from the provisional latents
+of the phonemes still held back. The last `crossfade` samples of each block are held back and
+blended with the same span as re-decoded by the next block: inside a chunk both agree and the
+blend changes nothing; across a chunk join (where the right context was provisional) it
+removes the seam.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 class BlockOptions:
     first_block_frames: int = 8  # ~93 ms of audio at hop 256 / 22050 Hz: a fast first packet
     block_frames: tuple[int, ...] = (16, 32, 48)  # later blocks; the last size repeats
-    context_frames: int = 10
+    context_frames: int | None = None  # None: the voice decoder's receptive field
     crossfade_samples: int = 256
 
 
@@ -32,15 +34,24 @@ def _fade_in(n: int) -> np.ndarray:
 class BlockDecoder:
     """Per-stream decoder state: the previous chunk's latent tail and the held audio tail."""
 
-    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], hop: int, options: BlockOptions = BlockOptions()) -> None:
+    def __init__(
+        self,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        hop: int,
+        receptive_frames: int,
+        options: BlockOptions = BlockOptions(),
+    ) -> None:
         self.decode = decode
         self.hop = hop
         self.options = options
-        self.blocks_done = 0
+        self.context = receptive_frames if options.context_frames is None else options.context_frames
+        self.blocks_done = 0  # since the last release: picks the next block's size
         self.latent_tail: torch.Tensor | None = None
         self._prefix = 0  # frames of the previous chunk's tail in front of the current chunk
+        self._span = 0  # frames of the current chunk itself (the rest of `joined` is right context)
         self.held = np.zeros(0, dtype=np.float32)
         self.fade_in = _fade_in(options.crossfade_samples)
+        self._fade_next = False  # after a pause the audio resumes from silence
 
     def _next_size(self, index: int) -> int:
         if index == 0:
@@ -58,17 +69,22 @@ class BlockDecoder:
             start, index = end, index + 1
         return spans
 
-    def begin_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        """Prefix the chunk with the previous chunk's latent tail; returns the joined latents."""
+    def begin_chunk(self, z: torch.Tensor, right: torch.Tensor | None = None) -> torch.Tensor:
+        """Join the previous chunk's latent tail, the chunk and its provisional right context."""
         joined = z if self.latent_tail is None else torch.cat([self.latent_tail, z], dim=2)
-        self.latent_tail = joined[:, :, -self.options.context_frames :]
+        self.latent_tail = joined[:, :, -self.context :]
         self._prefix = joined.shape[2] - z.shape[2]
+        self._span = z.shape[2]
+        if right is not None and right.shape[2]:
+            joined = torch.cat([joined, right[:, :, : self.context]], dim=2)
         return joined
 
     @torch.inference_mode()
     def decode_block(self, joined: torch.Tensor, start: int, end: int) -> np.ndarray:
         """Audio for chunk frames [start, end) ready to emit; the last crossfade samples stay held."""
-        ctx, hop, xfade = self.options.context_frames, self.hop, self.options.crossfade_samples
+        ctx, hop, xfade = self.context, self.hop, self.options.crossfade_samples
+        if not 0 <= start < end <= self._span:
+            raise ValueError(f"block [{start}, {end}) is outside the chunk's {self._span} frames")
         s, e = self._prefix + start, self._prefix + end
         left = min(ctx, s)
         right = min(ctx, joined.shape[2] - e)
@@ -86,10 +102,23 @@ class BlockDecoder:
         else:
             head = self.held
         out = np.concatenate([head, body])
+        if self._fade_next:
+            n = min(xfade, len(out))
+            out[:n] *= self.fade_in[:n] if n == xfade else _fade_in(n)
+            self._fade_next = False
         self.held = out[len(out) - xfade :].copy()
         return out[: len(out) - xfade]
 
-    def release(self) -> np.ndarray:
-        """Hand out the held tail (end of an utterance or a flush)."""
+    def release(self, pause: bool = False) -> np.ndarray:
+        """Hand out the held tail: at the end of an utterance, or at a pause in the text.
+
+        The next block is then the first of a run again (small, for a fast restart). At a pause
+        the tail fades out and the audio after it fades in, so the silence between them has no
+        clicks; the latent context stays, so the words after the pause continue the sentence.
+        """
         held, self.held = self.held, np.zeros(0, dtype=np.float32)
+        self.blocks_done = 0
+        if pause and len(held):
+            held = held * self.fade_in[::-1][-len(held) :]
+            self._fade_next = True
         return held

@@ -29,7 +29,7 @@ from .stream import StreamOptions, SynthesisStream
 
 
 # Whole-text synthesis cuts only at sentence ends, or at the size cap inside run-on text.
-WHOLE_TEXT_SPLIT = ChunkerOptions(first_chunk_words=10**9, min_words=(10**9,), max_words=60, max_chars=400)
+WHOLE_TEXT_SPLIT = ChunkerOptions(first_chunk_words=10**9, later_chunk_words=10**9, clause_cuts=False, max_words=60, max_chars=400)
 # Sentences up to ~4 s decode in one piece; longer ones are split (exactly, with context),
 # which bounds the decoder's working memory (~450 MB more at 1024 frames, ~50 MB at 256).
 WHOLE_TEXT_BLOCKS = BlockOptions(first_block_frames=256, block_frames=(256,))
@@ -148,7 +148,9 @@ class Engine:
             ids = torch.as_tensor([sentence.ids], dtype=torch.long, device=v.device)
             z, durations = v.model.infer_latents(ids, scales, sid, generator)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
-            decoder = BlockDecoder(lambda latents: v.model.dec(latents, v.model.speaker(sid)), v.hop_length, WHOLE_TEXT_BLOCKS)
+            decoder = BlockDecoder(
+                lambda latents: v.model.dec(latents, v.model.speaker(sid)), v.hop_length, v.model.cfg.generator.receptive_frames, WHOLE_TEXT_BLOCKS
+            )
             joined = decoder.begin_chunk(z)
             pieces += [decoder.decode_block(joined, start, end) for start, end in decoder.plan(z.shape[2])]
             pieces.append(decoder.release())

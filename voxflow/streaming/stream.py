@@ -20,22 +20,25 @@ stored: its chunking, and so its audio, depends on when the text came.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
 import torch
 
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
-from ..voices.phonemizer import WordSpan
+from ..voices.phonemizer import WORD_SEPARATOR, WordSpan
 from ..voices.styles import Style
 from ..voices.voice import Voice
 from .acoustic import AcousticOptions, AcousticState
 from .alignment import word_timestamps
 from .audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
-from .chunker import FLUSH, ChunkerOptions, Flush, TextChunk, chunk_stream
+from .chunker import FLUSH, ChunkerOptions, Cut, Flush, TextChunk, chunk_stream, discard
 from .decoder_blocks import BlockDecoder, BlockOptions
+from .lookahead import settle_point, unsettled_text, word_cuts
 from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
 from .scheduler import DeadlineExecutor
@@ -55,6 +58,14 @@ class StreamOptions:
     max_text_chars: int = 100_000  # all text one context may receive
     input_queue: int = 1024  # fragments waiting for the chunker
     output_queue: int = 256  # events waiting for the consumer (~5 s of 20 ms frames)
+    # Text of a sentence that goes on waits for more of it (context) while the listener has
+    # audio left to hear, taking playback to start with the first frame. It is said once the
+    # audio left drops to the margin: this floor, or twice what the stream's last say took
+    # from submit to first frame (queueing behind other streams included), if that is more.
+    hold_margin_s: float = 0.1
+    max_held_chars: int = 400  # text waiting for its sentence to go on; past it, it is spoken
+    # How much audio a say settles while its sentence goes on (the rest waits for context).
+    settle_audio_s: float = 0.3
     chunker: ChunkerOptions = field(default_factory=ChunkerOptions)
     acoustic: AcousticOptions = field(default_factory=AcousticOptions)
     blocks: BlockOptions = field(default_factory=BlockOptions)
@@ -70,17 +81,27 @@ class StreamMetrics:
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     chunks: int = 0
-    acoustic_seconds: list[float] = field(default_factory=list)  # per chunk: phonemes + acoustic step
+    # per acoustic step (phonemes + encoder + flow), the most recent ones
+    acoustic_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     first_block_seconds: float | None = None  # decoding the stream's first block
     cache_hits: int = 0  # utterances replayed from the audio cache
     cache_misses: int = 0  # cacheable utterances that had to be synthesized
 
 
+class _Say(enum.Enum):
+    """How much of the held text to say now, and what follows it."""
+
+    MORE = "more"  # the sentence goes on: hold back a lookahead
+    PAUSE = "pause"  # the text stalled: say everything, keep the sentence's context
+    SENTENCE = "sentence"  # the sentence ended: say everything and close it
+    FINAL = "final"  # the utterance ended: close the sentence, release all audio
+
+
 @dataclass(frozen=True)
 class _Prepared:
-    words: tuple[WordSpan, ...]
-    durations: list[int]  # frames per phoneme id
-    joined: torch.Tensor  # decoder input: previous chunk's latent tail + this chunk
+    words: tuple[WordSpan, ...]  # settled words, spans over the settled ids
+    durations: list[int]  # frames per settled phoneme id
+    joined: torch.Tensor  # decoder input: previous latent tail + settled latents + right context
     blocks: list[tuple[int, int]]
 
 
@@ -137,8 +158,15 @@ class SynthesisStream:
         self._recording: _Recording | None = None
         self._framer = Framer(context_id, voice.sample_rate, options.sample_rate, options.frame_ms, style.volume)
         self._seconds_per_frame = voice.hop_length / voice.sample_rate
+        self._separator = voice.info.phoneme_id_map[WORD_SEPARATOR][0]
         self._timeline = 0.0  # stream time (s) where the next chunk's audio starts
         self._utterance_start = True
+        self._sentence_start = True  # nothing of the sentence is settled: its phonemes open with BOS
+        self._held_text: list[str] = []  # the sentence's text not yet settled, in pieces
+        self._fresh = False  # text came since the last say
+        self._last_cut = Cut.WORD
+        self._spoke_in_utterance = False
+        self._say_latency = 0.0  # seconds from the last say's start to its first audio
         self._text_chars = 0
         self._closed = False
         self._finished = False
@@ -295,7 +323,7 @@ class SynthesisStream:
         voice = self.voice
         scales = self._style.scales(voice.info.defaults)
         self._acoustic = AcousticState(voice.model, scales, self._speaker_id, self._seed, self.options.acoustic)
-        self._decoder = BlockDecoder(self._decode, voice.hop_length, self.options.blocks)
+        self._decoder = BlockDecoder(self._decode, voice.hop_length, voice.model.cfg.generator.receptive_frames, self.options.blocks)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Speaker conditioning lives in the acoustic state, which computes it at its first step.
@@ -303,8 +331,7 @@ class SynthesisStream:
 
     async def _run(self) -> None:
         try:
-            async for chunk in chunk_stream(self._fragments(), self.options.chunker):
-                await self._speak(chunk)
+            await self._speak_chunks()
             await self._emit_all(self._framer.push(self._decoder.release()))
             await self._emit_all(self._framer.flush())
             # Waits for room like any event: a slow reader must not turn "done" into an error.
@@ -318,6 +345,167 @@ class SynthesisStream:
             _LOGGER.exception("synthesis failed in context %s", self.context_id)
             self._fail("internal_error", f"synthesis failed: {type(exc).__name__}")
 
+    async def _speak_chunks(self) -> None:
+        """Take chunks as the chunker cuts them; say held text when the listener needs it.
+
+        One `__anext__` of the chunk source stays outstanding while held text waits for its
+        deadline (cancelling it would finish the generator), so it is cancelled, and the
+        generator closed, on the way out.
+        """
+        chunks = chunk_stream(self._fragments(), self.options.chunker)
+        next_chunk: asyncio.Future[TextChunk] | None = None
+        try:
+            while True:
+                if next_chunk is None:
+                    next_chunk = asyncio.ensure_future(anext(chunks))
+                done, _ = await asyncio.wait((next_chunk,), timeout=self._hold_seconds())
+                if not done:
+                    # Chunks the chunker already cut from text it has come out in one step of
+                    # the loop: let them decide first.
+                    await asyncio.sleep(0)
+                    if not next_chunk.done():
+                        await self._say(_Say.PAUSE if self._last_cut == Cut.PAUSE else _Say.MORE)
+                    continue
+                finished, next_chunk = next_chunk, None
+                try:
+                    chunk = finished.result()
+                except StopAsyncIteration:
+                    return
+                await self._take(chunk)
+        finally:
+            if next_chunk is not None:
+                await discard(next_chunk)
+            await chunks.aclose()
+
+    def _hold_seconds(self) -> float | None:
+        """How long held text may still wait for more (None: until the next chunk).
+
+        Before the utterance's first audio the next chunk decides: it brings the words the
+        held ones wait for, or the chunker's pause when the text stalls.
+        """
+        if self._recording is not None or not self._spoke_in_utterance or self._input.qsize():
+            return None
+        # Words held for lookahead wait for the next words, not for the clock, unless the text
+        # stalled: then all that is held is said when the listener needs it.
+        paused = self._last_cut == Cut.PAUSE and (self._held_text or len(self._decoder.held))
+        if not ((self._fresh and self._held_text) or paused):
+            return None
+        return max(0.0, self._playback_end() - self._hold_margin() - time.perf_counter())
+
+    def _playback_end(self) -> float:
+        """When a real-time listener will have heard every frame emitted so far."""
+        m = self.metrics
+        return 0.0 if m.first_audio is None else m.first_audio + m.audio_seconds
+
+    async def _take(self, chunk: TextChunk) -> None:
+        if self._utterance_start and self._pending_key is not None:
+            self._reset_context()
+            self._recording = _Recording(self._pending_key, self._timeline)
+            self._pending_key = None
+        self._utterance_start = False
+        if self.metrics.first_chunk is None:
+            self.metrics.first_chunk = time.perf_counter()
+        self.metrics.chunks += 1
+        if chunk.text:
+            self._held_text.append(chunk.text)
+            self._fresh = True
+        self._last_cut = chunk.cut
+        if chunk.final:
+            await self._say(_Say.FINAL)
+        elif chunk.cut == Cut.SENTENCE:
+            await self._say(_Say.SENTENCE)
+        elif self._must_say_now():
+            await self._say(_Say.PAUSE if chunk.cut == Cut.PAUSE else _Say.MORE)
+
+    def _must_say_now(self) -> bool:
+        if not self._spoke_in_utterance or sum(map(len, self._held_text)) > self.options.max_held_chars:
+            return True
+        # Text already queued, or a cacheable utterance (all of its text is known), comes next
+        # at once: it decides, not the clock, so text sent in one piece is said the same way
+        # however busy the machine is.
+        if self._input.qsize() or self._recording is not None:
+            return False
+        return self._playback_end() - self._hold_margin() <= time.perf_counter()
+
+    def _hold_margin(self) -> float:
+        return max(self.options.hold_margin_s, 2 * self._say_latency)
+
+    async def _say(self, how: _Say) -> None:
+        text = " ".join(self._held_text)
+        self._held_text.clear()
+        self._fresh = False
+        if text:
+            started = time.perf_counter()
+            (prepared, unsettled), seconds = await self._compute(self._prepare, text, how)
+            self.metrics.acoustic_seconds.append(seconds)
+            if unsettled:
+                self._held_text.insert(0, unsettled)
+            if prepared is not None:
+                self._sentence_start = False
+                await self._decode_prepared(prepared, started)
+        if how in (_Say.SENTENCE, _Say.FINAL):
+            self._acoustic.end_sentence()
+            self._sentence_start = True
+        if how in (_Say.PAUSE, _Say.FINAL):
+            await self._emit_all(self._framer.push(self._decoder.release(pause=how == _Say.PAUSE)))
+            await self._emit_all(self._framer.flush())
+            self._timeline = self._framer.emitted_seconds
+        if how == _Say.FINAL:
+            self._utterance_start = True
+            self._spoke_in_utterance = False
+            if self._recording is not None:
+                self._store(self._recording)
+
+    def _prepare(self, text: str, how: _Say) -> tuple[_Prepared | None, str]:
+        """Phonemes, acoustic step and decoder set-up for what is said now (on the compute thread).
+
+        While the sentence goes on, the words in the lookahead are not settled: their text is
+        returned, to be phonemized again with what follows it.
+        """
+        closes = how in (_Say.SENTENCE, _Say.FINAL)
+        phonemes = self.voice.phonemizer.phonemize(text, bos=self._sentence_start, eos=closes)
+        if not phonemes.ids:
+            return None, ""
+        settle = None
+        if how == _Say.MORE:
+            acoustic = self.options.acoustic
+
+            cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
+
+            def settle(durations: list[int]) -> int:
+                return settle_point(
+                    cuts,
+                    durations,
+                    lookahead_ids=2 * acoustic.lookahead_phonemes,
+                    enough_frames=self.options.settle_audio_s / self._seconds_per_frame,
+                    most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
+                )
+
+        latents = self._acoustic.step(phonemes.ids, settle)
+        n = len(latents.ids)
+        unsettled = unsettled_text(text, phonemes.words, n) if n < len(phonemes.ids) else ""
+        if not n:
+            return None, unsettled
+        joined = self._decoder.begin_chunk(latents.z, latents.right)
+        settled = tuple(w for w in phonemes.words if w.end <= n)
+        return _Prepared(settled, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2])), unsettled
+
+    async def _decode_prepared(self, prepared: _Prepared, started: float) -> None:
+        self._spoke_in_utterance = True
+        words = word_timestamps(self.context_id, prepared.words, prepared.durations, self._seconds_per_frame, self._timeline)
+        if self._recording is not None:
+            self._recording.add_words(words)
+        for event in words:
+            await self._output.put(event)
+        self._timeline += sum(prepared.durations) * self._seconds_per_frame
+        for start, end in prepared.blocks:
+            audio, seconds = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
+            if self.metrics.first_block_seconds is None:
+                self.metrics.first_block_seconds = seconds
+            if start == 0:
+                self._say_latency = time.perf_counter() - started
+            await self._emit_all(self._framer.push(audio))
+
     def _fail(self, code: str, message: str) -> None:
         self._finish(StreamEnd(self.context_id, "error", code, message))
 
@@ -330,7 +518,7 @@ class SynthesisStream:
         m = self.metrics
         if m.first_audio is None:
             return (m.first_chunk or time.perf_counter()) + FIRST_AUDIO_BUDGET
-        return m.first_audio + m.audio_seconds
+        return self._playback_end()
 
     async def _compute(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run fn on the compute thread; returns its result and the seconds it took there."""
@@ -338,46 +526,6 @@ class SynthesisStream:
         result, seconds = await asyncio.wrap_future(job)
         self.metrics.compute_seconds += seconds
         return result, seconds
-
-    def _prepare(self, text: str, bos: bool, eos: bool) -> _Prepared | None:
-        """Phonemes, acoustic step and decoder set-up for one chunk (on the compute thread)."""
-        phonemes = self.voice.phonemizer.phonemize(text, bos=bos, eos=eos)
-        if not phonemes.ids:
-            return None
-        latents = self._acoustic.step(phonemes.ids)
-        joined = self._decoder.begin_chunk(latents.z)
-        return _Prepared(phonemes.words, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2]))
-
-    async def _speak(self, chunk: TextChunk) -> None:
-        if self._utterance_start and self._pending_key is not None:
-            self._reset_context()
-            self._recording = _Recording(self._pending_key, self._timeline)
-            self._pending_key = None
-        if self.metrics.first_chunk is None:
-            self.metrics.first_chunk = time.perf_counter()
-        self.metrics.chunks += 1
-        prepared, seconds = await self._compute(self._prepare, chunk.text, self._utterance_start, chunk.final)
-        self.metrics.acoustic_seconds.append(seconds)
-        self._utterance_start = chunk.final
-        if prepared is not None:
-            words = word_timestamps(self.context_id, prepared.words, prepared.durations, self._seconds_per_frame, self._timeline)
-            if self._recording is not None:
-                self._recording.add_words(words)
-            for event in words:
-                await self._output.put(event)
-            self._timeline += sum(prepared.durations) * self._seconds_per_frame
-            for start, end in prepared.blocks:
-                audio, seconds = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
-                if self.metrics.first_block_seconds is None:
-                    self.metrics.first_block_seconds = seconds
-                await self._emit_all(self._framer.push(audio))
-        if chunk.final:
-            self._acoustic.end_utterance()
-            await self._emit_all(self._framer.push(self._decoder.release()))
-            await self._emit_all(self._framer.flush())
-            self._timeline = self._framer.emitted_seconds
-            if self._recording is not None:
-                self._store(self._recording)
 
     async def _emit_all(self, frames: list[AudioFrame]) -> None:
         for frame in frames:

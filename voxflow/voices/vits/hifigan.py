@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,28 @@ class GeneratorConfig:
         for rate in self.upsample_rates:
             hop *= rate
         return hop
+
+    @property
+    def receptive_frames(self) -> int:
+        """Latent frames on each side that can change an output sample (rounded up).
+
+        Each convolution reaches (kernel - 1) * dilation / 2 samples at its own stage's rate;
+        a stage's parallel resblocks are averaged, so the widest one counts. Block decoding
+        with this much context on both sides reproduces a whole decode.
+        """
+        reach = 3.0  # conv_pre, kernel 7, at the latent rate
+        rate = 1
+        for up_rate, up_kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
+            reach += (up_kernel - up_rate) / 2 / (rate * up_rate) + 1 / rate  # transposed conv
+            rate *= up_rate
+            widest = 0.0
+            for kernel, dilations in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes):
+                per_step = (kernel - 1) // 2
+                plain = per_step if self.resblock == "1" else 0  # resblock 1 pairs each dilated conv with a plain one
+                widest = max(widest, sum(per_step * d + plain for d in dilations))
+            reach += widest / rate
+        reach += 3 / rate  # conv_post, kernel 7, at the output rate
+        return math.ceil(reach)
 
 
 class Generator(nn.Module):

@@ -44,6 +44,16 @@ class VitsConfig:
     def hop_length(self) -> int:
         return self.generator.hop_length
 
+    @property
+    def flow_receptive_frames(self) -> int:
+        """Latent frames on each side that one flow output frame depends on.
+
+        Each coupling's WaveNet reaches (kernel - 1) / 2 * dilation_rate**i frames per layer,
+        and the couplings run one after another, so their reaches add up.
+        """
+        per_coupling = sum((self.flow_kernel_size - 1) // 2 * self.flow_dilation_rate**i for i in range(self.flow_n_layers))
+        return per_coupling * self.flow_n_flows
+
 
 def expand_by_durations(values: torch.Tensor, durations: torch.Tensor) -> torch.Tensor:
     """Repeat each phoneme's column durations[i] times: [1, C, T] x [T] -> [1, C, sum(durations)].
