@@ -40,8 +40,10 @@ test: setup system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/server.py
+	$(PY) benchmarks/fidelity.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis demo.wav
