@@ -9,8 +9,9 @@ at 20 and 50 tokens/s (`Engine.open_stream`), all in this process:
   rendering's ids whose streamed duration is the same), the total-duration ratio, and on the
   audio, trimmed of leading and trailing silence, mel-cepstral distortion along a DTW path and
   the correlation of the F0 contours along that same path.
-- Default style (noise on, as served): pocketsphinx word error rate of every rendering, and
-  first audio after the first token.
+- Default style (noise on, as served): pocketsphinx word error rate of every rendering, summed
+  over several noise seeds (--seeds, default 3), and first audio after the first token (first
+  seed).
 - First frame after a six-word clause pushed whole and flushed.
 
 The MCD is taken over librosa MFCCs (c1-c24, in natural-log units so that the usual
@@ -22,7 +23,7 @@ The table gives each target; --check exits with status 1 when one is missed. MCD
 correlation have a target only against --baseline (an earlier JSON of this benchmark, same
 items): half the baseline's distance.
 
-    python benchmarks/fidelity.py [--items N] [--baseline PATH] [--check] [--out PATH]
+    python benchmarks/fidelity.py [--items N] [--seeds N] [--baseline PATH] [--check] [--out PATH]
         [--lookahead-phonemes N] [--context-phonemes N] [--first-chunk-words N]
 """
 
@@ -221,9 +222,11 @@ def _as_delivered(pcm: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32767.0
 
 
-async def render_streamed(engine: Engine, text: str, style: Style, tps: float, options: StreamOptions) -> tuple[np.ndarray, int, float]:
+async def render_streamed(
+    engine: Engine, text: str, style: Style, tps: float, options: StreamOptions, seed: int = SEED
+) -> tuple[np.ndarray, int, float]:
     """(audio, rate, first audio in ms after the first token was pushed)."""
-    stream = engine.open_stream(style=style, cached=False, seed=SEED, options=options)
+    stream = engine.open_stream(style=style, cached=False, seed=seed, options=options)
     first_push: float | None = None
 
     async def feed() -> None:
@@ -253,8 +256,8 @@ async def render_streamed(engine: Engine, text: str, style: Style, tps: float, o
     return audio, rates.pop(), (first_audio - first_push) * 1000
 
 
-def render_whole(engine: Engine, text: str, style: Style) -> tuple[np.ndarray, int]:
-    utterance = engine.synthesize(text, style=style, seed=SEED)
+def render_whole(engine: Engine, text: str, style: Style, seed: int = SEED) -> tuple[np.ndarray, int]:
+    utterance = engine.synthesize(text, style=style, seed=seed)
     # The stream's framer turns float audio into PCM16 this way; both renderings are compared as delivered.
     pcm = np.clip(utterance.audio * 32767.0, -32767, 32767).astype(np.int16)
     return _as_delivered(pcm), utterance.sample_rate
@@ -337,15 +340,16 @@ class Closeness:
 
 @dataclass(frozen=True)
 class Heard:
-    hypothesis: str
-    edits: int
+    hypotheses: list[str]  # one per noise seed
+    edits: int  # over all seeds
 
 
 @dataclass(frozen=True)
 class ItemResult:
     category: str
     text: str
-    reference_words: int
+    reference_words: int  # per rendering
+    seeds: int
     whole_ids: int
     whole_frames: int
     closeness: dict[str, Closeness]  # by token rate
@@ -353,7 +357,7 @@ class ItemResult:
     first_audio_ms: dict[str, float]  # by token rate, default style
 
 
-async def measure(engine: Engine, transcribe: Transcriber, category: str, text: str, options: StreamOptions) -> ItemResult:
+async def measure(engine: Engine, transcribe: Transcriber, category: str, text: str, options: StreamOptions, seeds: int) -> ItemResult:
     with recorded_durations() as whole_trace:
         whole, rate = render_whole(engine, text, QUIET)
     closeness: dict[str, Closeness] = {}
@@ -367,17 +371,18 @@ async def measure(engine: Engine, transcribe: Transcriber, category: str, text: 
 
     reference = words(text)
 
-    def hear(audio: np.ndarray, audio_rate: int) -> Heard:
-        hypothesis = transcribe(audio, audio_rate)
-        return Heard(hypothesis, edit_distance(reference, words(hypothesis)))
-
-    heard = {"whole": hear(*render_whole(engine, text, NOISY))}
+    # With noise on, whole and streamed renderings draw their noise in a different order, so
+    # each seed hears a different sample of both: WER is summed over several seeds.
+    hypotheses: dict[str, list[str]] = {"whole": [], **{str(tps): [] for tps in RATES}}
     first_audio: dict[str, float] = {}
-    for tps in RATES:
-        audio, audio_rate, first_ms = await render_streamed(engine, text, NOISY, tps, options)
-        heard[str(tps)] = hear(audio, audio_rate)
-        first_audio[str(tps)] = first_ms
-    return ItemResult(category, text, len(reference), len(whole_trace.ids), whole_trace.frames, closeness, heard, first_audio)
+    for seed in range(seeds):
+        hypotheses["whole"].append(transcribe(*render_whole(engine, text, NOISY, seed)))
+        for tps in RATES:
+            audio, audio_rate, first_ms = await render_streamed(engine, text, NOISY, tps, options, seed)
+            hypotheses[str(tps)].append(transcribe(audio, audio_rate))
+            first_audio.setdefault(str(tps), first_ms)
+    heard = {key: Heard(heard, sum(edit_distance(reference, words(h)) for h in heard)) for key, heard in hypotheses.items()}
+    return ItemResult(category, text, len(reference), seeds, len(whole_trace.ids), whole_trace.frames, closeness, heard, first_audio)
 
 
 async def first_frame_after_flush(engine: Engine, text: str, options: StreamOptions) -> float:
@@ -401,7 +406,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _wer(items: list[ItemResult], key: str) -> float:
-    return sum(item.heard[key].edits for item in items) / sum(item.reference_words for item in items)
+    return sum(item.heard[key].edits for item in items) / sum(item.reference_words * item.seeds for item in items)
 
 
 def summarize(items: list[ItemResult], flush_ms: list[float]) -> dict[str, Any]:
@@ -428,7 +433,11 @@ def summarize(items: list[ItemResult], flush_ms: list[float]) -> dict[str, Any]:
         first_audio[r] = {"p50": _pct(first_audio_ms[r], 50), "p95": _pct(first_audio_ms[r], 95), "n": len(items)}
     return {
         "items": len(items),
-        "wer": {"reference_words": sum(item.reference_words for item in items), **{k: round(_wer(items, k), 4) for k in ["whole", *rates]}},
+        "wer": {
+            "reference_words": sum(item.reference_words for item in items),
+            "seeds": items[0].seeds,
+            **{k: round(_wer(items, k), 4) for k in ["whole", *rates]},
+        },
         "wer_short": {"items": len(short), **({k: round(_wer(short, k), 4) for k in ["whole", *rates]} if short else {})},
         "short_items_streamed_worse": [item.text for item in worse if item.reference_words <= SHORT_WORDS],
         "streamed_worse": [{"category": item.category, "text": item.text, "edits": {k: h.edits for k, h in item.heard.items()}} for item in worse],
@@ -469,7 +478,7 @@ def judge(result: dict[str, Any], baseline: dict[str, Any] | None) -> tuple[list
     worse = result["streamed_worse"]
     first_audio = [(tps, result["first_audio_ms"][str(tps)]) for tps in RATES]
     rows = [
-        (f"WER whole, default style ({wer['reference_words']} words)", f"{wer['whole']:.3f}", ""),
+        (f"WER whole, default style ({wer['reference_words']} words x {wer['seeds']} seeds)", f"{wer['whole']:.3f}", ""),
         (f"WER streamed, {both}", " / ".join(f"{wer[r]:.3f}" for r in rates), f"<= whole + {WER_MARGIN} ({wer['whole'] + WER_MARGIN:.3f})"),
         (f"WER on items of <= {SHORT_WORDS} words, whole / {both}", " / ".join(f"{short[k]:.3f}" for k in ["whole", *rates]) if short["items"] else "no such items", ""),
         (f"items of <= {SHORT_WORDS} words with streamed WER above whole", f"{len(result['short_items_streamed_worse'])} of {short['items']}", "0"),
@@ -501,6 +510,7 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=len(ITEMS), help="use only the first N items (a quick run)")
     parser.add_argument("--baseline", help="an earlier fidelity.json: MCD and F0 correlation must halve their distance from it")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    parser.add_argument("--seeds", type=int, default=3, help="noise seeds the WER is summed over")
     # The streaming settings whose defaults this benchmark chose (docs/ARCHITECTURE.md).
     parser.add_argument("--lookahead-phonemes", type=int, default=AcousticOptions().lookahead_phonemes)
     parser.add_argument("--context-phonemes", type=int, default=AcousticOptions().context_phonemes)
@@ -520,7 +530,7 @@ async def main() -> None:
     transcribe = Transcriber()
     results = []
     for n, (category, text) in enumerate(items, 1):
-        results.append(await measure(engine, transcribe, category, text, options))
+        results.append(await measure(engine, transcribe, category, text, options, args.seeds))
         print(f"[{n}/{len(items)}] {text}", file=sys.stderr)
     flush_ms = [await first_frame_after_flush(engine, SIX_WORDS[i % len(SIX_WORDS)], options) for i in range(FLUSH_RUNS)]
     engine.close()
