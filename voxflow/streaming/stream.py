@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import AsyncIterator, Callable, TypeVar
 
 import torch
@@ -469,18 +470,13 @@ class SynthesisStream:
         settle = None
         if how == _Say.MORE:
             acoustic = self.options.acoustic
-
-            cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
-
-            def settle(durations: list[int]) -> int:
-                return settle_point(
-                    cuts,
-                    durations,
-                    lookahead_ids=2 * acoustic.lookahead_phonemes,
-                    enough_frames=self.options.settle_audio_s / self._seconds_per_frame,
-                    most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
-                )
-
+            settle = partial(
+                settle_point,
+                word_cuts(phonemes.ids, phonemes.words, self._separator),
+                lookahead_ids=2 * acoustic.lookahead_phonemes,
+                enough_frames=self.options.settle_audio_s / self._seconds_per_frame,
+                most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
+            )
         latents = self._acoustic.step(phonemes.ids, settle)
         n = len(latents.ids)
         unsettled = unsettled_text(text, phonemes.words, n) if n < len(phonemes.ids) else ""
