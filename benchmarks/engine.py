@@ -4,7 +4,7 @@ Prints a table and writes JSON (default benchmarks/results/engine.json). Both en
 this one process, interleaved sentence by sentence, so machine noise hits them alike; compare
 the ratios, absolute times drift on shared machines.
 
-    python benchmarks/engine.py [--runs 30] [--out PATH]
+    python benchmarks/engine.py [--runs 30] [--out PATH] [--check]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
 from voxflow.streaming.tokens import gpt_like_tokens, paced
-from report import print_table, stamp, write_json
+from report import add_check_flag, finish, print_table, stamp, write_json
 
 SIX_WORDS = [
     "The quick brown fox jumps high.",
@@ -99,6 +99,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results/engine.json")
+    add_check_flag(parser)
     args = parser.parse_args()
 
     from piper import PiperVoice, SynthesisConfig  # the reference runtime (onnxruntime)
@@ -159,9 +160,20 @@ async def main() -> None:
         ("process start to first audio, `voxflow say`", ", ".join(f"{s:.2f}" for s in result["process_start_to_first_audio_s"]) + " s", "<= 4 s"),
         ("peak RSS, `voxflow say`", ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]) + " MB", "<= 700 MB"),
     ]
+    targets = {
+        "flush_p50": result["first_frame_after_flush_6_words_ms"]["p50"] <= 50,
+        "flush_p95": result["first_frame_after_flush_6_words_ms"]["p95"] <= 90,
+        "first_token_50tps_p50": result["first_frame_after_first_token_50tps_ms"]["p50"] <= 200,
+        "first_audio_over_piper_whole": result["first_audio_over_piper_whole_ratio"] <= 0.5,
+        "whole_rtf_ratio": result["whole_rtf_ratio"] <= 1.5,
+        "process_to_first_audio": max(result["process_start_to_first_audio_s"]) <= 4,
+        "peak_rss": max(result["peak_rss_mb"]) <= 700,
+    }
+    result["targets"] = targets
     print_table(rows)
     write_json(args.out, result)
     engine.close()
+    finish([name for name, met in targets.items() if not met], args.check)
 
 
 if __name__ == "__main__":

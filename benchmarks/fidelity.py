@@ -60,7 +60,7 @@ from voxflow.streaming.stream import StreamOptions
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.voices.styles import Style
 from voxflow.voices.vits.model import VitsSynthesizer
-from report import print_table, stamp, write_json
+from report import add_check_flag, finish, print_table, stamp, write_json
 
 # Numbers are written as words: the reference must be what espeak says and what pocketsphinx
 # can write back, and neither side of that is reliable for digits.
@@ -509,7 +509,7 @@ async def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/fidelity.json")
     parser.add_argument("--items", type=int, default=len(ITEMS), help="use only the first N items (a quick run)")
     parser.add_argument("--baseline", help="an earlier fidelity.json: MCD and F0 correlation must halve their distance from it")
-    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    add_check_flag(parser)
     parser.add_argument("--seeds", type=int, default=3, help="noise seeds the WER is summed over")
     # The streaming settings whose defaults this benchmark chose (docs/ARCHITECTURE.md).
     parser.add_argument("--lookahead-phonemes", type=int, default=AcousticOptions().lookahead_phonemes)
@@ -544,11 +544,8 @@ async def main() -> None:
     for item in result["streamed_worse"]:
         edits = ", ".join(f"{k if k == 'whole' else k + ' tok/s'} {v}" for k, v in item["edits"].items())
         print(f"  streamed worse [{item['category']}] {item['text']}  (word edits: {edits})")
-    missed = [name for name, met in targets.items() if met is False]
-    print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     write_json(args.out, result)
-    if args.check and missed:
-        sys.exit(1)
+    finish([name for name, met in targets.items() if met is False], args.check)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ For each, every second reply of benchmarks/fidelity.py is streamed with noise of
 50 tokens/s and compared with its whole rendering: the share of equal phoneme durations, the
 total-duration ratio, MCD after DTW, F0 correlation and first audio (the same measures as
 fidelity.py, on half the items, without the recognizer, so a point takes about a minute).
+--check exits 1 when a point misses fidelity.py's noise-off or first-audio targets.
 
-    python benchmarks/fidelity_sweep.py [--out PATH] POINT [POINT ...]
+    python benchmarks/fidelity_sweep.py [--out PATH] [--check] POINT [POINT ...]
     e.g. python benchmarks/fidelity_sweep.py 0,96,3,0.3 4,96,3,0.3 8,96,3,0.3 8,48,3,0.3
 """
 
@@ -19,8 +20,8 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from fidelity import ITEMS, QUIET, RATES, equal_durations, recorded_durations, render_streamed, render_whole, signal_distance
-from report import stamp, write_json
+from fidelity import FIRST_AUDIO_P50_MS, ITEMS, MAX_DURATION_DRIFT, MIN_EQUAL_DURATIONS, QUIET, RATES, equal_durations, recorded_durations, render_streamed, render_whole, signal_distance
+from report import add_check_flag, finish, stamp, write_json
 from voxflow.config import EngineConfig
 from voxflow.streaming.acoustic import AcousticOptions
 from voxflow.streaming.chunker import ChunkerOptions
@@ -52,6 +53,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("points", nargs="+", type=Point.parse)
     parser.add_argument("--out", default="benchmarks/results/fidelity-sweep.json")
+    add_check_flag(parser)
     args = parser.parse_args()
 
     engine = Engine(EngineConfig())
@@ -93,7 +95,16 @@ async def main() -> None:
             f"{r['lookahead']:>9} {r['context']:>7} {r['first_words']:>5} {r['settle_s']:>6} {r['tokens_per_second']:>5} "
             f"{r['equal_durations']:>9} {r['duration_ratio']:>7} {r['mcd']:>6} {r['f0_corr']:>6} {r['first_audio_p50_ms']:>8}"
         )
-    write_json(args.out, {**stamp(), "rows": rows})
+    # A point is admissible when it meets fidelity.py's noise-off and latency targets.
+    missed = [
+        f"{r['lookahead']},{r['context']},{r['first_words']},{r['settle_s']}@{r['tokens_per_second']}"
+        for r in rows
+        if r["equal_durations"] < MIN_EQUAL_DURATIONS
+        or abs(r["duration_ratio"] - 1) > MAX_DURATION_DRIFT
+        or r["first_audio_p50_ms"] > FIRST_AUDIO_P50_MS[r["tokens_per_second"]]
+    ]
+    write_json(args.out, {**stamp(), "rows": rows, "points_missing_targets": missed})
+    finish(missed, args.check)
 
 
 if __name__ == "__main__":

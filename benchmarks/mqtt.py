@@ -6,7 +6,7 @@ processes (audio cache off, so every run synthesizes), waits for /health and the
 message of that request arrives; the next run starts after its `done`. Prints a table and
 writes JSON (default benchmarks/results/mqtt.json).
 
-    python benchmarks/mqtt.py [--runs 30] [--out PATH]
+    python benchmarks/mqtt.py [--runs 30] [--out PATH] [--check]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mosquitto_harness import Broker, start_mosquitto  # noqa: E402
-from report import stamp, write_json
+from report import add_check_flag, finish, stamp, write_json
 from serve_process import voxflow_serve  # noqa: E402
 
 SIX_WORDS = [
@@ -35,6 +35,7 @@ SIX_WORDS = [
     "We found three results for you.",
 ]
 DEVICE = "bench"
+FIRST_AUDIO_P50_MS = 150
 
 
 async def first_audio_ms(client: aiomqtt.Client, request_id: str, text: str) -> float:
@@ -77,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results/mqtt.json")
+    add_check_flag(parser)
     args = parser.parse_args()
 
     broker = start_mosquitto()
@@ -88,16 +90,19 @@ def main() -> None:
         shutil.rmtree(broker.directory, ignore_errors=True)
 
     p50, p95 = (float(np.percentile(samples, q)) for q in (50, 95))
+    targets = {"first_audio_p50": p50 <= FIRST_AUDIO_P50_MS}
     result = {
         **stamp(),
         "runs": args.runs,
         "say_request_to_first_audio_message_6_words_ms": {"p50": round(p50, 1), "p95": round(p95, 1)},
+        "targets": targets,
     }
     print("## MQTT\n")
-    print("| measure | p50 | p95 |")
-    print("|---|---|---|")
-    print(f"| say -> first audio message, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms |")
+    print("| measure | p50 | p95 | target |")
+    print("|---|---|---|---|")
+    print(f"| say -> first audio message, 6 words ({args.runs} runs) | {p50:.1f} ms | {p95:.1f} ms | p50 <= {FIRST_AUDIO_P50_MS} ms |")
     write_json(args.out, result)
+    finish([name for name, met in targets.items() if not met], args.check)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,3 +33,14 @@ def write_json(path: str, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
+
+
+def add_check_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+
+
+def finish(missed: list[str], check: bool) -> None:
+    """Say which targets were missed; with --check, exit 1 if any was."""
+    print("targets missed: " + ", ".join(missed) if missed else "all targets met")
+    if check and missed:
+        sys.exit(1)

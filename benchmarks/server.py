@@ -4,7 +4,7 @@ Starts `voxflow serve` as its own process on a free loopback port (cache on, in 
 file) and measures from this process, as a client would. Prints a table and writes JSON
 (default benchmarks/results/server.json).
 
-    python benchmarks/server.py [--runs 30] [--sweep 1,4,8,16] [--out PATH]
+    python benchmarks/server.py [--runs 30] [--sweep 1,4,8,16] [--out PATH] [--check]
 
 Underruns: each client plays its audio in real time from the arrival of its first frame plus
 a jitter buffer (--jitter-ms, default 60 ms); a frame that arrives after its play-out time
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from websockets.asyncio.client import connect
 
-from report import print_table, stamp, write_json
+from report import add_check_flag, finish, print_table, stamp, write_json
 from serve_process import voxflow_serve
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.transports.native_protocol import (
@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--sweep", default="1,4,8,16")
     parser.add_argument("--jitter-ms", type=float, default=60.0)
     parser.add_argument("--out", default="benchmarks/results/server.json")
+    add_check_flag(parser)
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",")]
 
@@ -164,8 +165,17 @@ def main() -> None:
                      f"{s['first_audio_p95_ms']:.0f} ms, {s['underruns']} of {s['frames']}" + (f", errors {len(s['errors'])}" if s["errors"] else ""),
                      "8 streams: 0 underruns, p95 <= 300 ms"))
     rows.append(("largest concurrent count holding the target", str(result["largest_count_holding"]), ">= 8"))
+    targets = {
+        "flush_p50": f["p50"] <= 60,
+        "flush_p95": f["p95"] <= 120,
+        "first_token_50tps_p50": t["p50"] <= 220,
+        "cache_hit_p95": h["p95"] <= 5,
+        "eight_streams_real_time": result["largest_count_holding"] >= 8,
+    }
+    result["targets"] = targets
     print_table(rows)
     write_json(args.out, result)
+    finish([name for name, met in targets.items() if not met], args.check)
 
 
 if __name__ == "__main__":

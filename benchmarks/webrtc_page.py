@@ -13,7 +13,7 @@ figures (`window.voxflow.stats`):
 Prints a table, writes JSON (default benchmarks/results/webrtc.json) and, with --screenshot,
 saves a phone-sized picture of the page mid-sentence.
 
-    python benchmarks/webrtc_page.py [--runs 20] [--sweep 1,2,4,8] [--screenshot docs/webrtc-page.png]
+    python benchmarks/webrtc_page.py [--runs 20] [--sweep 1,2,4,8] [--screenshot docs/webrtc-page.png] [--check]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 from playwright.sync_api import Browser, Page, sync_playwright
-from report import print_table, stamp, write_json
+from report import add_check_flag, finish, print_table, stamp, write_json
 from serve_process import voxflow_serve
 
 CHROMIUM = "/usr/bin/chromium"
@@ -44,6 +44,9 @@ SENTENCES = [
 ]
 PARAGRAPH = (Path(__file__).parents[1] / "demos" / "paragraph.txt").read_text().strip()
 STEADY_PACKETS_PER_SECOND = 45  # 50 expected (20 ms packets); a little slack for the sampling edges
+FIRST_AUDIO_P50_MS = 250
+STOP_TO_SILENCE_MS = 200  # every stop
+PAGES_HOLDING = 8
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument("--server", help="an already running server (http://HOST:PORT) instead of starting one")
     parser.add_argument("--screenshot", help="PNG of the page mid-sentence, phone-sized")
     parser.add_argument("--out", default="benchmarks/results/webrtc.json")
+    add_check_flag(parser)
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",")]
 
@@ -172,16 +176,24 @@ def main() -> None:
     }
     f, s = result["first_audio_at_browser_ms"], result["stop_to_silence_ms"]
     rows = [
-        ("first audio at the browser after Speak (p50 / p95)", f"{f['p50']:.0f} / {f['p95']:.0f} ms", "<= 250 ms"),
-        ("Stop to silence at the browser (p50 / max)", f"{s['p50']:.0f} / {s['max']:.0f} ms", "<= 200 ms"),
+        ("first audio at the browser after Speak (p50 / p95)", f"{f['p50']:.0f} / {f['p95']:.0f} ms", f"p50 <= {FIRST_AUDIO_P50_MS} ms"),
+        ("Stop to silence at the browser (p50 / max)", f"{s['p50']:.0f} / {s['max']:.0f} ms", f"<= {STOP_TO_SILENCE_MS} ms"),
     ]
     for step in result["sessions"]:
         rows.append((f"{step['sessions']} pages speaking at once: steady, min packets/s, max first audio",
                      f"{step['steady']}/{step['sessions']}, {step['packets_per_second_min']:.0f}/s, {step['first_audio_max_ms']} ms"
                      + (f", {len(step['errors'])} errors" if step["errors"] else ""), "all steady"))
-    rows.append(("largest page count holding steady audio", str(result["largest_count_holding"]), ">= 8"))
+    rows.append(("largest page count holding steady audio", str(result["largest_count_holding"]), f">= {PAGES_HOLDING}"))
+    targets = {
+        "first_audio_p50": f["p50"] <= FIRST_AUDIO_P50_MS,
+        "stop_to_silence_max": s["max"] <= STOP_TO_SILENCE_MS,
+        **{f"{step['sessions']}_pages_steady": step["steady"] == step["sessions"] for step in result["sessions"]},
+        "largest_count_holding": result["largest_count_holding"] >= PAGES_HOLDING,
+    }
+    result["targets"] = targets
     print_table(rows)
     write_json(args.out, result)
+    finish([name for name, met in targets.items() if not met], args.check)
 
 
 if __name__ == "__main__":
