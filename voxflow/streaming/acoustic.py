@@ -71,7 +71,6 @@ class AcousticState:
         self.flow_frames = model.cfg.flow_receptive_frames
         self.right_frames = self.flow_frames + model.cfg.generator.receptive_frames
         self.context: list[int] = []  # settled ids of the current sentence, at most the window
-        self.unsettled = 0  # ids the last step left unsettled (the caller says them again)
         channels = model.cfg.inter_channels
         # Duration noise of context + unsettled ids: drawn once per position, so ids said again
         # do not draw it again.
@@ -89,7 +88,6 @@ class AcousticState:
         The latent tail stays, so the next sentence joins the audio smoothly.
         """
         self.context = []
-        self.unsettled = 0
         self.duration_noise = self.duration_noise[:, :, :0]
 
     def _randn(self, *shape: int) -> torch.Tensor:
@@ -137,8 +135,8 @@ class AcousticState:
         frames = prior.shape[2]
 
         self.context = (self.context + pending[:n_settle])[-self.context_ids :] if self.context_ids else []
-        self.unsettled = len(pending) - n_settle
-        self.duration_noise = noise[:, :, noise.shape[2] - len(self.context) - self.unsettled :]
+        unsettled = len(pending) - n_settle
+        self.duration_noise = noise[:, :, noise.shape[2] - len(self.context) - unsettled :]
         self.prior_tail = torch.cat([self.prior_tail, prior], dim=2)[:, :, -self.flow_frames :]
         return ChunkLatents(
             ids=tuple(pending[:n_settle]),

@@ -86,8 +86,8 @@ class Flush:
 
 FLUSH: Final = Flush()
 
-# Boundary strengths; a sentence end always allows a cut, a clause only past the minimum size.
-_NONE, _CLAUSE, _SENTENCE = 0, 1, 2
+# Boundary strengths, as the cuts they make; a sentence end always allows a cut.
+_NONE, _CLAUSE, _SENTENCE = Cut.WORD, Cut.CLAUSE, Cut.SENTENCE
 
 _SENTENCE_PUNCT = frozenset(".!?…")
 _CLAUSE_PUNCT = frozenset(",;:")
@@ -329,7 +329,7 @@ class TextChunker:
 
     # -- cutting ----------------------------------------------------------------------------
 
-    def _maybe_cut(self, at: int, kind: int) -> None:
+    def _maybe_cut(self, at: int, kind: Cut) -> None:
         """Cut before `at` if the chunk is full, or if `kind` of boundary is enough at this size."""
         if self._words == 0:
             return
@@ -345,7 +345,7 @@ class TextChunker:
                 wanted = kind == _SENTENCE or clause or self._words >= opts.later_chunk_words
             if not wanted:
                 return
-        self._emit(at, final=False, cut=Cut(kind))
+        self._emit(at, final=False, cut=kind)
         self._start = at
 
     def _enforce_max_chars(self, i: int) -> None:

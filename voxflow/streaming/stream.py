@@ -384,7 +384,7 @@ class SynthesisStream:
         Before the utterance's first audio the next chunk decides: it brings the words the
         held ones wait for, or the chunker's pause when the text stalls.
         """
-        if self._recording is not None or not self._spoke_in_utterance or self._input.qsize():
+        if not self._spoke_in_utterance or self._text_decides():
             return None
         # Words held for lookahead wait for the next words, not for the clock, unless the text
         # stalled: then all that is held is said when the listener needs it.
@@ -421,12 +421,15 @@ class SynthesisStream:
     def _must_say_now(self) -> bool:
         if not self._spoke_in_utterance or sum(map(len, self._held_text)) > self.options.max_held_chars:
             return True
-        # Text already queued, or a cacheable utterance (all of its text is known), comes next
-        # at once: it decides, not the clock, so text sent in one piece is said the same way
-        # however busy the machine is.
-        if self._input.qsize() or self._recording is not None:
+        if self._text_decides():
             return False
         return self._playback_end() - self._hold_margin() <= time.perf_counter()
+
+    def _text_decides(self) -> bool:
+        """Text already queued, or a cacheable utterance (all of its text is known), comes next
+        at once: it decides, not the clock, so text sent in one piece is said the same way
+        however busy the machine is."""
+        return bool(self._input.qsize()) or self._recording is not None
 
     def _hold_margin(self) -> float:
         return max(self.options.hold_margin_s, 2 * self._say_latency)
