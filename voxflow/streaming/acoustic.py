@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..voices.vits import Scales, VitsSynthesizer, expand_by_durations
+from ..voices.vits.noise import Noise
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class AcousticState:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # Each stream owns its noise source, so a seed reproduces a stream exactly whatever
-        # other streams run beside it.
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # other streams run beside it, and draws it as a whole rendering with that seed does.
+        self.noise = Noise(seed, self.device, self.dtype)
         self.speaker_id = speaker_id
         self.g: torch.Tensor | None = None  # computed on the compute thread at the first step
         self.flow_frames = model.cfg.flow_receptive_frames
@@ -90,9 +91,6 @@ class AcousticState:
         self.context = []
         self.duration_noise = self.duration_noise[:, :, :0]
 
-    def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
-
     @torch.inference_mode()
     def step(self, pending: Sequence[int], settle: Callable[[list[int]], int] | None = None) -> ChunkLatents:
         """Encode the sentence's unsettled ids after its context; settle the first `settle(durations)`.
@@ -112,7 +110,7 @@ class AcousticState:
 
         hidden, mean, log_scale = model.enc_p(ids[None])
         kept = self.duration_noise[:, :, : len(ids)]
-        noise = torch.cat([kept, self._randn(1, 2, len(ids) - kept.shape[2]) * scales.noise_w], dim=2)
+        noise = torch.cat([kept, self.noise.durations(len(ids) - kept.shape[2]) * scales.noise_w], dim=2)
         durations = model.durations(hidden, noise, scales.length, self.g)[n_ctx:]
         n_settle = len(pending) if settle is None else settle(durations.tolist())
         if not 0 <= n_settle <= len(pending):
@@ -126,7 +124,7 @@ class AcousticState:
         if n_settle:
             mean_f = expand_by_durations(mean[:, :, :n_settle], settled)
             log_scale_f = expand_by_durations(log_scale[:, :, :n_settle], settled)
-            prior = mean_f + self._randn(*mean_f.shape) * torch.exp(log_scale_f) * scales.noise
+            prior = mean_f + self.noise.prior(*mean_f.shape[1:]) * torch.exp(log_scale_f) * scales.noise
         provisional = torch.zeros_like(self.prior_tail)
         if n_settle < len(pending):
             provisional = expand_by_durations(mean[:, :, n_settle:], durations[n_settle:])[:, :, : self.right_frames]

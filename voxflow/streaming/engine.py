@@ -18,6 +18,7 @@ from ..errors import InvalidRequest, LimitExceeded
 from ..voices.phonemizer import Phonemes
 from ..voices.registry import VoiceRegistry
 from ..voices.styles import Style
+from ..voices.vits.noise import Noise
 from ..voices.voice import Voice
 from .alignment import word_timestamps
 from .audio_cache import AudioCache
@@ -138,7 +139,7 @@ class Engine:
     def _synthesize(self, text: str, voice: str | None, style: Style, speaker: str | int | None, seed: int | None) -> Utterance:
         v = self.voices.get(voice or self.config.voice)
         scales = style.scales(v.info.defaults)
-        generator = torch.Generator(device=v.device).manual_seed(self.config.seed if seed is None else seed)
+        noise = Noise(self.config.seed if seed is None else seed, v.device, v.dtype)
         sid = v.speaker_id(speaker)
         seconds_per_frame = v.hop_length / v.sample_rate
         pieces: list[np.ndarray] = []
@@ -146,7 +147,7 @@ class Engine:
         offset = 0.0
         for sentence in self._sentences(v, text):
             ids = torch.as_tensor([sentence.ids], dtype=torch.long, device=v.device)
-            z, durations = v.model.infer_latents(ids, scales, sid, generator)
+            z, durations = v.model.infer_latents(ids, scales, sid, noise)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
             decoder = BlockDecoder(
                 lambda latents: v.model.dec(latents, v.model.speaker(sid)), v.hop_length, v.model.cfg.generator.receptive_frames, WHOLE_TEXT_BLOCKS

@@ -17,6 +17,7 @@ from .duration import StochasticDurationPredictor
 from .flow import ResidualCouplingFlow
 from ..scales import Scales
 from .hifigan import Generator, GeneratorConfig
+from .noise import Noise
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,10 @@ class VitsSynthesizer(nn.Module):
         ids: torch.Tensor,
         scales: Scales | torch.Tensor = Scales(),
         speaker_id: int | torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        noise: Noise | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-sentence synthesis: ids [1, T] -> (audio [1, 1, samples], durations [T])."""
-        z, durations = self.infer_latents(ids, scales, speaker_id, generator)
+        z, durations = self.infer_latents(ids, scales, speaker_id, noise)
         return self.dec(z, self.speaker(speaker_id)), durations
 
     def infer_latents(
@@ -116,18 +117,22 @@ class VitsSynthesizer(nn.Module):
         ids: torch.Tensor,
         scales: Scales | torch.Tensor = Scales(),
         speaker_id: int | torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        noise: Noise | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything before the decoder: ids [1, T] -> (latents [1, C, frames], durations [T])."""
+        """Everything before the decoder: ids [1, T] -> (latents [1, C, frames], durations [T]).
+
+        `noise` defaults to a source seeded with 0.
+        """
         if isinstance(scales, Scales):
-            noise, length, noise_w = scales.noise, scales.length, scales.noise_w
+            noise_scale, length, noise_w = scales.noise, scales.length, scales.noise_w
         else:
-            noise, length, noise_w = scales[0], scales[1], scales[2]
+            noise_scale, length, noise_w = scales[0], scales[1], scales[2]
         g = self.speaker(speaker_id)
         hidden, mean, log_scale = self.enc_p(ids)
-        dur_noise = torch.randn(hidden.shape[0], 2, hidden.shape[2], generator=generator, device=hidden.device, dtype=hidden.dtype)
-        durations = self.durations(hidden, dur_noise * noise_w, length, g)
+        if noise is None:
+            noise = Noise(0, hidden.device, hidden.dtype)
+        durations = self.durations(hidden, noise.durations(hidden.shape[2]) * noise_w, length, g)
         mean_f = expand_by_durations(mean, durations)
         log_scale_f = expand_by_durations(log_scale, durations)
-        eps = torch.randn(mean_f.shape, generator=generator, device=mean_f.device, dtype=mean_f.dtype)
-        return self.flow.reverse(mean_f + eps * torch.exp(log_scale_f) * noise, g), durations
+        eps = noise.prior(mean_f.shape[1], mean_f.shape[2])
+        return self.flow.reverse(mean_f + eps * torch.exp(log_scale_f) * noise_scale, g), durations
