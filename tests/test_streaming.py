@@ -282,3 +282,24 @@ async def test_a_reader_that_pauses_gets_everything_with_bounded_buffering(engin
     events = await asyncio.wait_for(collect(stream), timeout=60)
     assert events[-1] == StreamEnd(stream.context_id, "done")
     assert len(pcm(events)) / 22050 > 5  # the whole paragraph, nothing dropped
+
+
+async def test_cancel_frees_a_push_that_waits_for_room(engine):
+    """A client that stops reading and keeps sending fills the queues; dropping its context
+    must free the handler stuck in push(), or the connection's slot is lost for good."""
+    stream = engine.open_stream(cached=False, options=StreamOptions(input_queue=2, output_queue=2))
+    await stream.push("One. ")
+    await stream.push("Two. ")
+    await asyncio.sleep(0.5)  # the stream runs until its output is full, then waits for a reader
+    pushes = asyncio.create_task(_push_forever(stream))
+    await asyncio.sleep(0.2)
+    assert not pushes.done()  # waiting for room
+    stream.cancel()
+    with pytest.raises(StreamClosed):
+        await asyncio.wait_for(pushes, timeout=5)
+    await stream.aclose()
+
+
+async def _push_forever(stream) -> None:
+    while True:
+        await stream.push("More words. ")

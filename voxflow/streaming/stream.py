@@ -171,6 +171,7 @@ class SynthesisStream:
         self._text_chars = 0
         self._closed = False
         self._finished = False
+        self._ended_early = False  # cancelled or failed, not done
         self._input: asyncio.Queue[str | Flush | _End] = asyncio.Queue(options.input_queue)
         self._output: asyncio.Queue[StreamEvent] = asyncio.Queue(options.output_queue)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"voxflow-stream-{context_id}")
@@ -186,17 +187,24 @@ class SynthesisStream:
         self._text_chars += len(text)
         if self.metrics.first_text is None:
             self.metrics.first_text = time.perf_counter()
-        await self._input.put(text)
+        await self._put(text)
 
     async def flush(self) -> None:
         self._check_open()
-        await self._input.put(FLUSH)
+        await self._put(FLUSH)
 
     async def end(self) -> None:
         """No more text: speak what is buffered, then finish with StreamEnd('done')."""
         self._check_open()
         self._closed = True
-        await self._input.put(_END)
+        await self._put(_END)
+
+    async def _put(self, item: str | Flush | _End) -> None:
+        """Wait for room in the input queue; a stream ended meanwhile (cancelled, dropped as a
+        slow consumer) wakes the wait and refuses the item, so no caller waits on it forever."""
+        await self._input.put(item)
+        if self._finished and self._ended_early:
+            raise StreamClosed(f"context {self.context_id} was stopped")
 
     def cancel(self) -> None:
         """Stop now: no audio or word event is delivered after this call, only StreamEnd('cancelled')."""
@@ -231,10 +239,13 @@ class SynthesisStream:
         return self._finished
 
     def _finish(self, event: StreamEnd) -> None:
-        """End the stream early (cancel, error): drop what the reader has not taken yet."""
+        """End the stream early (cancel, error): drop what the reader has not taken yet, and
+        the text not yet read, which frees whoever waits to push more."""
         while not self._output.empty():
             self._output.get_nowait()
-        self._finished = True
+        while not self._input.empty():
+            self._input.get_nowait()
+        self._finished = self._ended_early = True
         self._output.put_nowait(event)
 
     # -- the work ---------------------------------------------------------------------------
