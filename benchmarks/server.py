@@ -25,7 +25,7 @@ from websockets.asyncio.client import connect
 from report import add_check_flag, finish, print_table, stamp, write_json
 from serve_process import voxflow_serve
 from voxflow.streaming.tokens import gpt_like_tokens, paced
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     AudioPacket, Done, End, Error, Start, Text, parse_server, serialize_client,
 )
 

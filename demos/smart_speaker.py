@@ -20,7 +20,7 @@ import wave
 
 import aiomqtt
 
-from voxflow.transports.mqtt_protocol import BrokerAddress, unpack_audio
+from voxflow.transports.protocols.mqtt_protocol import BrokerAddress, unpack_audio
 
 
 async def speak(broker_url: str, device: str, text: str, output: str, prefix: str = "voxflow") -> None:

@@ -28,7 +28,7 @@ from voxflow.config import ServerConfig
 from voxflow.streaming.audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
 from voxflow.streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from voxflow.streaming.stream import StreamOptions
-from voxflow.transports.contexts import ContextRequest, ContextSet
+from voxflow.transports.core.contexts import ContextRequest, ContextSet
 from voxflow.voices.styles import Style
 
 FRAME_SAMPLES = 4  # tiny frames keep the storage tests fast

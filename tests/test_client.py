@@ -33,7 +33,7 @@ from voxflow.client import (
 )
 from voxflow.errors import StreamClosed, VoxflowError
 from voxflow.streaming.tokens import gpt_like_tokens, paced
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     Cancel,
     End,
     Limits,

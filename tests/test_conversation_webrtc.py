@@ -15,7 +15,7 @@ from server_harness import run_server
 from speech import transcribe, word_error_rate
 from test_webrtc_aiortc import connect, registry, server_tasks, wait_until
 from voxflow.agent.events import BotStarted, BotStopped, TranscriptEvent, TurnMetrics
-from voxflow.transports.native_protocol import AgentMessage, Error, Listen, Listening, StopListening
+from voxflow.transports.protocols.native_protocol import AgentMessage, Error, Listen, Listening, StopListening
 
 REQUEST = "turn on the kitchen lights"
 

@@ -18,7 +18,7 @@ from speech import transcribe, word_error_rate
 from test_native_ws import closed_with, greeted, open_socket, receive, wait_for
 from voxflow.agent.asr import RecognitionError
 from voxflow.agent.events import BotStarted, BotStopped, ReplyEvent, SpeechStarted, SpeechStopped, TranscriptEvent, TurnMetrics
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     AgentMessage,
     AudioPacket,
     Error,

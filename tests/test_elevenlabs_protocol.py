@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxflow.transports.elevenlabs_protocol import (
+from voxflow.transports.protocols.elevenlabs_protocol import (
     MAX_MESSAGE_MS,
     AudioPacker,
     ClientMessage,
@@ -83,7 +83,8 @@ def test_alternative_spellings_and_nulls():
         ('{"text": " ", "voice_settings": "fast"}', "voice_settings must be an object"),
         ('{"text": " ", "voice_settings": {"speed": "1.1"}}', "voice_settings.speed must be a finite number"),
         ('{"text": " ", "voice_settings": {"stability": true}}', "voice_settings.stability must be a finite number"),
-        ('{"text": " ", "voice_settings": {"style": NaN}}', "voice_settings.style must be a finite number"),
+        ('{"text": " ", "voice_settings": {"style": NaN}}', "NaN is not JSON"),
+        ('{"text": "\\ud800"}', "lone surrogate"),
         ('{"text": " ", "xi_api_key": 5}', "xi_api_key must be a string"),
     ],
 )

@@ -100,7 +100,7 @@ async def server_leftovers(server: RunningServer) -> tuple[int, list[str]]:
 
     async def probe() -> tuple[int, list[str]]:
         tasks = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("voxflow-"))
-        return len(server.state.connections), tasks
+        return len(server.state.context_sets), tasks
 
     return await asyncio.to_thread(server.call, probe)
 
@@ -281,7 +281,7 @@ async def test_limits_and_drain(engine):
             await send(ws, {"text": SENTENCE, "context_id": "one"}, {"context_id": "one", "flush": True})
             await send(ws, {"context_id": "one", "close_context": True})
             check_speech(await until_final(ws, "one"), SENTENCE)
-            srv.state.draining = True
+            srv.state.admission.draining = True
             await send(ws, {"text": " ", "context_id": "late"})
             assert (await receive(ws))["error"] == "draining"
             assert await receive(ws) == {"isFinal": True, "contextId": "late"}
@@ -312,7 +312,7 @@ async def test_slow_reader_loses_its_context_and_the_socket_carries_on(engine):
         async with connect(url(srv, output_format="pcm_48000"), sock=sock, max_queue=1, proxy=None, compression=None) as ws:
 
             async def slow_is_open() -> bool:
-                return any("slow" in c for c in srv.state.connections)
+                return any("slow" in c for c in srv.state.context_sets)
 
             await shrink_server_send_buffers(srv)
             await send(ws, {"text": PARAGRAPH * 4, "context_id": "slow"}, {"context_id": "slow", "flush": True})

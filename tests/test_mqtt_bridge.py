@@ -4,8 +4,10 @@ bad payloads, availability and reconnection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -13,8 +15,8 @@ import sys
 import time
 import uuid
 import wave
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 
 import aiomqtt
 import numpy as np
@@ -24,8 +26,11 @@ from paho.mqtt.properties import Properties
 
 from mosquitto_harness import Broker, start_mosquitto
 from server_harness import RunningServer, run_server
+from voxflow.config import ServerConfig, Settings
 from voxflow.streaming.engine import Engine
-from voxflow.transports.mqtt_protocol import MAX_MESSAGE_MS, AudioMessage, unpack_audio
+from voxflow.transports.app import ServerState
+from voxflow.transports.mqtt_bridge import MqttBridge
+from voxflow.transports.protocols.mqtt_protocol import MAX_MESSAGE_MS, AudioMessage, unpack_audio
 
 TIMEOUT = 60.0
 
@@ -170,17 +175,17 @@ async def test_cancel_ends_the_request(bridged: RunningServer, mosquitto: Broker
 
 async def test_response_topic_and_correlation_data(bridged: RunningServer, mosquitto: Broker) -> None:
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = "replies/me"
+    props.ResponseTopic = "voxflow/replies/me"
     props.CorrelationData = b"corr-42"
     async with _client(mosquitto) as client:
-        await client.subscribe("replies/me", qos=1)
+        await client.subscribe("voxflow/replies/me", qos=1)
         await client.subscribe("voxflow/office/#", qos=1)
         await client.publish("voxflow/office/say", json.dumps({"text": "Reply to me.", "id": "r1"}), qos=1, properties=props)
         reply = await _collect(client, "r1")
         await client.publish("voxflow/office/say", json.dumps({"text": 5, "id": "r2"}), qos=1, properties=props)
         failed = await _collect(client, "r2", until_error=True)
         # Nothing of either went to the device's own topics.
-        await client.unsubscribe("replies/me")
+        await client.unsubscribe("voxflow/replies/me")
         await client.publish("voxflow/office/say", json.dumps({"text": "Plain.", "id": "r3"}), qos=1)
         plain = await _collect(client, "r3")
     assert reply.types() == ["started", "done"]
@@ -233,6 +238,12 @@ async def test_hermes_errors_go_to_the_error_topic(bridged: RunningServer, mosqu
         (json.dumps({"text": "x" * 20_000, "id": "big"}).encode(), "limit_exceeded"),
         (json.dumps({"text": "Hi.", "id": "v", "voice": "nobody"}).encode(), "unknown_voice"),
         (json.dumps({"text": "Hi.", "id": "s", "sample_rate": 12345}).encode(), "invalid_request"),
+        (b"\xff\xfe{}", "invalid_json"),
+        (b'{"text": "\\ud800", "id": "lone"}', "invalid_json"),
+        (b'{"text": "Hi.", "id": "\\udfff"}', "invalid_json"),
+        (b"{" + b" " * 70_000 + b"}", "limit_exceeded"),
+        (json.dumps({"text": "Hi.", "id": 5}).encode(), "invalid_request"),
+        (json.dumps({"text": "Hi.", "id": "st", "style": 3}).encode(), "invalid_request"),
     ],
 )
 async def test_malformed_requests_get_errors_and_the_bridge_keeps_serving(
@@ -251,6 +262,30 @@ async def test_malformed_requests_get_errors_and_the_bridge_keeps_serving(
         await client.publish("voxflow/garage/say", json.dumps({"text": "Still here.", "id": "ok"}), qos=1)
         reply = await _collect(client, "ok")
     assert reply.types() == ["started", "done"]
+
+
+async def test_a_response_topic_outside_the_prefix_is_refused(bridged: RunningServer, mosquitto: Broker) -> None:
+    async with _client(mosquitto) as client:
+        await client.subscribe("elsewhere/#", qos=1)
+        await client.subscribe("voxflow/yard/#", qos=1)
+        for request_id, topic in (("o1", "elsewhere/x"), ("o2", "voxflow/yard/say"), ("o3", "voxflow/a/+")):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            props.CorrelationData = b"c"
+            await client.publish("voxflow/yard/say", json.dumps({"text": "Not there.", "id": request_id}), qos=1, properties=props)
+        await client.publish("voxflow/yard/say", json.dumps({"text": "Here.", "id": "o4"}), qos=1)
+        errors, stray = [], []
+        async with asyncio.timeout(TIMEOUT):
+            async for message in client.messages:
+                topic, body = message.topic.value, json.loads(message.payload) if message.payload[:1] == b"{" else None
+                if topic == "voxflow/yard/error":
+                    errors.append((body["code"], body["id"]))
+                elif topic.startswith("elsewhere/") or (topic == "voxflow/yard/say" and "type" in body):
+                    stray.append(topic)
+                if topic == "voxflow/yard/event" and body == {**body, "type": "done", "id": "o4"}:
+                    break
+    assert sorted(errors) == [("invalid_request", "o1"), ("invalid_request", "o2"), ("invalid_request", "o3")]
+    assert stray == []
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +328,38 @@ async def test_unknown_context_for_end_and_cancel(unshared: RunningServer, mosqu
                 if len(codes) == 2:
                     break
     assert codes == ["unknown_context", "unknown_context"]
+
+
+async def test_reused_ids_and_text_after_the_end_get_typed_errors(unshared: RunningServer, mosquitto: Broker) -> None:
+    long_text = "This is a long sentence that keeps going, " * 3
+    async with _client(mosquitto) as client:
+        await client.subscribe("solo/deck/#", qos=1)
+        for kind, body in (
+            ("stream/start", {"id": "dup"}),
+            ("stream/start", {"id": "dup"}),
+            ("stream/text", {"id": "dup", "text": long_text, "end": True}),
+            ("stream/text", {"id": "dup", "text": "more"}),
+            ("stream/end", {"id": "dup"}),
+            ("cancel", {"id": "ghost"}),
+            ("cancel", {"id": "dup"}),
+        ):
+            await client.publish(f"solo/deck/{kind}", json.dumps(body), qos=1)
+        errors, events = [], []
+        async with asyncio.timeout(TIMEOUT):
+            async for message in client.messages:
+                topic = message.topic.value
+                if topic.endswith(("/error", "/event")):
+                    body = json.loads(message.payload)
+                    (errors if body["type"] == "error" else events).append(body)
+                if {"type": "cancelled", "id": "dup"} in events:
+                    break
+        await client.publish("solo/deck/say", json.dumps({"text": "Still fine.", "id": "fine"}), qos=1)
+        reply = await _collect(client, "fine")
+    assert sorted((e["code"], e["id"]) for e in errors) == [
+        ("context_exists", "dup"), ("stream_closed", "dup"), ("stream_closed", "dup"), ("unknown_context", "ghost"),
+    ]
+    assert [e["type"] for e in events if e["type"] != "word"] == ["started", "cancelled"]
+    assert reply.types() == ["started", "done"]
 
 
 async def test_availability_and_reconnect_after_broker_restart(engine: Engine) -> None:
@@ -350,3 +417,197 @@ def test_standalone_bridge_with_mosquitto_clients_and_last_will(mosquitto: Broke
     will = subprocess.run(["mosquitto_sub", "-p", port, "-t", f"{prefix}/status", "-C", "1", "-W", "30"],
                           capture_output=True, timeout=40)
     assert will.stdout.strip() == b"offline"
+
+
+# -- a bridge in the test's own loop, for tests that look inside it --------------------------
+
+
+@dataclass
+class Local:
+    bridge: MqttBridge
+    state: ServerState
+    prefix: str
+
+    def idle(self) -> bool:
+        """Nothing of any request is left: no device entry, context set or admitted place."""
+        return not self.bridge._devices and not self.state.context_sets and self.state.admission.counts()["mqtt"] == 0
+
+    async def wait_idle(self) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while not self.idle():
+                await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _local_bridge(engine: Engine, broker: Broker, **server_options) -> AsyncIterator[Local]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    # Its own share group, so the module's bridge never takes its Hermes says; a generous send
+    # timeout, so on a busy machine no request ends as a slow consumer.
+    options = {"mqtt_url": broker.url, "mqtt_prefix": prefix, "mqtt_share_group": prefix, "cache_enabled": False,
+               "send_timeout_seconds": TIMEOUT, **server_options}
+    state = ServerState(Settings(engine=engine.config, server=replace(ServerConfig(), **options)), engine)
+    bridge = MqttBridge(state)
+    async with bridge.running():
+        async with asyncio.timeout(TIMEOUT):
+            await bridge.connected.wait()
+        yield Local(bridge, state, prefix)
+
+
+async def test_many_devices_leave_no_trace(engine: Engine, mosquitto: Broker) -> None:
+    async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
+        await client.subscribe(f"{local.prefix}/+/event", qos=1)
+        await client.subscribe(f"{local.prefix}/+/error", qos=1)
+        await client.subscribe("hermes/tts/sayFinished", qos=1)
+
+        async def ask(requests: list[tuple[str, str, dict]]) -> set[str]:
+            """Publish the requests, then wait until each has finished (done or an error): the
+            names of those that got `done` / `sayFinished`."""
+            for topic, _, body in requests:
+                await client.publish(topic, json.dumps(body), qos=1)
+            waiting, done = {name for _, name, _ in requests}, set()
+            async with asyncio.timeout(TIMEOUT):
+                async for message in client.messages:
+                    body, topic = json.loads(message.payload), message.topic.value
+                    if topic == "hermes/tts/sayFinished":
+                        name = body["siteId"] if body["id"] == local.prefix else None
+                    else:
+                        name = topic.split("/")[1] if body.get("type") in ("done", "error") else None
+                    if name in waiting:
+                        waiting.discard(name)
+                        if body.get("type", "done") == "done":
+                            done.add(name)
+                    if not waiting:
+                        return done
+            raise AssertionError("unreachable")
+
+        # Few at a time: it is the number of names that matters, not how many at once.
+        devices = [f"d{n}" for n in range(66)]
+        sites = [f"{local.prefix}site{n}" for n in range(3)]
+        answered = set()
+        for batch in range(0, len(devices), 11):
+            answered |= await ask([(f"{local.prefix}/{d}/say", d, {"text": "Hi.", "id": "r"}) for d in devices[batch:batch + 11]])
+        answered |= await ask([("hermes/tts/say", s, {"text": "Hi.", "siteId": s, "id": local.prefix}) for s in sites])
+        await local.wait_idle()
+    assert answered == set(devices) | set(sites)
+    assert local.idle()
+
+
+async def test_a_flooding_stream_is_dropped_and_others_are_served(engine: Engine, mosquitto: Broker) -> None:
+    async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
+        p = local.prefix
+        await client.subscribe(f"{p}/+/error", qos=1)
+        await client.subscribe(f"{p}/+/event", qos=1)
+        await client.subscribe(f"{p}/calm/audio/+", qos=1)
+        await client.publish(f"{p}/flood/stream/start", json.dumps({"id": "f"}), qos=1)
+        # Far more text than is spoken meanwhile, as fast as the broker takes it: the stream's
+        # queue and the request's own take 2 x 1024 messages, the rest overflows them.
+        for _ in range(4000):
+            await client.publish(f"{p}/flood/stream/text", json.dumps({"id": "f", "text": "word "}), qos=0)
+        await client.publish(f"{p}/calm/say", json.dumps({"text": "Still served.", "id": "c"}), qos=1)
+        flood_errors, calm = [], Reply()
+        async with asyncio.timeout(TIMEOUT):
+            async for message in client.messages:
+                topic, payload = message.topic.value, bytes(message.payload)
+                if topic.startswith(f"{p}/flood/"):
+                    body = json.loads(payload)
+                    if body["type"] == "error":
+                        flood_errors.append(body)
+                elif "/audio/" in topic:
+                    calm.audio.append(unpack_audio(payload))
+                else:
+                    body = json.loads(payload)
+                    (calm.errors if body["type"] == "error" else calm.events).append(body)
+                if flood_errors and "done" in calm.types() and calm.audio and calm.audio[-1].last:
+                    break
+        await local.wait_idle()
+    assert [(e["code"], e["id"]) for e in flood_errors] == [("limit_exceeded", "f")]
+    assert calm.types() == ["started", "done"] and not calm.errors
+    _check_audio(calm)
+
+
+async def test_a_bug_while_handling_one_message_is_answered_and_logged_once(
+    engine: Engine, mosquitto: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
+        handle = local.bridge._handle
+
+        def buggy(request, reply) -> None:
+            if request.id == "bug":
+                raise RuntimeError("a bug")
+            handle(request, reply)
+
+        monkeypatch.setattr(local.bridge, "_handle", buggy)
+        await client.subscribe(f"{local.prefix}/lab/#", qos=1)
+        with caplog.at_level(logging.ERROR, logger="voxflow.transports.mqtt_bridge"):
+            await client.publish(f"{local.prefix}/lab/say", json.dumps({"text": "Hi.", "id": "bug"}), qos=1)
+            failed = await _collect(client, "bug", until_error=True)
+            await client.publish(f"{local.prefix}/lab/say", json.dumps({"text": "Still here.", "id": "ok"}), qos=1)
+            reply = await _collect(client, "ok")
+        await local.wait_idle()
+    assert [(e["code"], e["id"]) for e in failed.errors] == [("internal_error", "bug")]
+    assert reply.types() == ["started", "done"]
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [RuntimeError]
+
+
+async def test_a_failing_bridge_goes_offline_and_comes_back(engine: Engine, mosquitto: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
+        on_message, crashed = local.bridge._on_message, []
+
+        def crash_once(message: aiomqtt.Message) -> None:
+            if not crashed:
+                crashed.append(message.topic.value)
+                raise RuntimeError("a bug outside any one request")
+            on_message(message)
+
+        monkeypatch.setattr(local.bridge, "_on_message", crash_once)
+        status = f"{local.prefix}/status"
+        await client.subscribe(status, qos=1)
+        await client.subscribe(f"{local.prefix}/lab/#", qos=1)
+        seen = []
+        async with asyncio.timeout(TIMEOUT):
+            async for message in client.messages:
+                if message.topic.value == status:
+                    seen.append(message.payload.decode())
+                    if seen == ["online"]:  # the retained status: now make it fail
+                        await client.publish(f"{local.prefix}/lab/say", json.dumps({"text": "Boom.", "id": "boom"}), qos=1)
+                    if seen[-2:] == ["offline", "online"]:
+                        break
+        await client.publish(f"{local.prefix}/lab/say", json.dumps({"text": "Back.", "id": "back"}), qos=1)
+        reply = await _collect(client, "back")
+    assert crashed == [f"{local.prefix}/lab/say"]
+    assert reply.types() == ["started", "done"]
+
+
+async def test_requests_in_flight_end_when_the_broker_restarts(engine: Engine) -> None:
+    broker = start_mosquitto()
+    try:
+        async with _local_bridge(engine, broker) as local:
+            async with _client(broker) as client:
+                await client.publish(f"{local.prefix}/porch/stream/start", json.dumps({"id": "open"}), qos=1)
+                async with asyncio.timeout(TIMEOUT):
+                    while not local.bridge._devices:
+                        await asyncio.sleep(0.01)
+            await asyncio.to_thread(broker.restart)
+            await local.wait_idle()  # the request ended with the connection and gave its place back
+            async with asyncio.timeout(TIMEOUT):
+                await local.bridge.connected.wait()
+            async with _client(broker) as client:
+                await client.subscribe(f"{local.prefix}/porch/#", qos=1)
+                await client.publish(f"{local.prefix}/porch/say", json.dumps({"text": "Back again.", "id": "b1"}), qos=1)
+                reply = await _collect(client, "b1")
+    finally:
+        broker.stop()
+        shutil.rmtree(broker.directory, ignore_errors=True)
+    assert reply.types() == ["started", "done"]
+    _check_audio(reply)
+
+
+async def test_shutdown_gives_back_every_place(engine: Engine, mosquitto: Broker) -> None:
+    async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
+        await client.publish(f"{local.prefix}/porch/stream/start", json.dumps({"id": "open"}), qos=1)
+        await client.publish(f"{local.prefix}/hall/stream/start", json.dumps({"id": "open"}), qos=1)
+        async with asyncio.timeout(TIMEOUT):
+            while local.state.admission.counts()["mqtt"] < 2:
+                await asyncio.sleep(0.01)
+        assert len(local.state.context_sets) == 2
+    assert local.idle()

@@ -8,8 +8,8 @@ import wave
 
 import pytest
 
-from voxflow.transports import hermes_protocol as hermes
-from voxflow.transports.mqtt_protocol import (
+from voxflow.transports.protocols import hermes_protocol as hermes
+from voxflow.transports.protocols.mqtt_protocol import (
     SAY,
     START,
     TEXT,
@@ -73,6 +73,12 @@ def test_stream_ids_are_required() -> None:
     ("kind", "payload", "code"),
     [
         (SAY, b"\xff\xfe", "invalid_json"),
+        (SAY, b'{"text": "\\ud800"}', "invalid_json"),
+        (TEXT, b'{"id": "c", "text": "a\\udc00b"}', "invalid_json"),
+        (CANCEL, b'{"id": "\\ud83d"}', "invalid_json"),
+        (SAY, b'{"text": "a", "n": NaN}', "invalid_json"),
+        (END, b'{"id": 7}', "invalid_request"),
+        (START, {"id": "c", "voice": 3}, "invalid_request"),
         (SAY, b"nope", "invalid_json"),
         (SAY, b"[]", "invalid_json"),
         (SAY, {"text": 1}, "invalid_request"),
@@ -91,6 +97,33 @@ def test_bad_requests_raise_typed_errors(kind: str, payload: object, code: str) 
     with pytest.raises(MqttProtocolError) as err:
         _parse(kind, payload)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("topic", "allowed"),
+    [
+        ("home/tts/replies/me", True),
+        ("home/tts/kitchen/audio/mine", True),
+        ("home/tts/kitchen/say/replies", True),  # not a request topic: nobody reads it as one
+        ("replies/me", False),
+        ("home/ttsx/replies", False),
+        ("home/tts", False),
+        ("home/tts/status", False),
+        ("home/tts/kitchen/say", False),
+        ("home/tts/kitchen/stream/text", False),
+        ("home/tts/+/event", False),
+        ("home/tts/#", False),
+        ("home/tts//x", False),
+    ],
+)
+def test_response_topics_stay_under_the_prefix(topic: str, allowed: bool) -> None:
+    topics = Topics("home/tts")
+    if allowed:
+        topics.check_response_topic(topic)
+    else:
+        with pytest.raises(MqttProtocolError) as err:
+            topics.check_response_topic(topic)
+        assert err.value.code == "invalid_request"
 
 
 def test_errors_carry_the_request_id_when_readable() -> None:
@@ -155,10 +188,15 @@ def test_hermes_say_and_replies() -> None:
     ("payload", "code", "site"),
     [
         (b"nope", "invalid_json", "default"),
+        (b'{"text": "\\ud800", "siteId": "s"}', "invalid_json", "default"),
+        (b"\xff", "invalid_json", "default"),
+        (b"{" + b" " * 30_000 + b"}", "limit_exceeded", "default"),
         (b'{"text": "", "siteId": "s"}', "invalid_request", "s"),
         (b'{"text": "aaaa", "siteId": "s"}', "limit_exceeded", "s"),
         (b'{"text": "a", "siteId": "a/b"}', "invalid_request", "default"),
         (b'{"text": "a", "volume": 9}', "invalid_request", "default"),
+        (b'{"text": "a", "siteId": "s", "sessionId": 5}', "invalid_request", "s"),
+        (b'{"text": "a", "siteId": "s", "lang": ["en"]}', "invalid_request", "s"),
     ],
 )
 def test_hermes_bad_says(payload: bytes, code: str, site: str) -> None:

@@ -19,7 +19,7 @@ import aiomqtt
 
 from mosquitto_harness import Broker, start_mosquitto
 from test_mqtt_bridge import Reply, _check_audio, _client
-from voxflow.transports.mqtt_protocol import unpack_audio
+from voxflow.transports.protocols.mqtt_protocol import unpack_audio
 
 TIMEOUT = 60.0
 DEVICES = ("kitchen", "hall", "den", "porch", "attic")

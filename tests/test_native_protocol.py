@@ -27,7 +27,7 @@ from voxflow.agent.events import (
     event_to_dict,
 )
 from voxflow.streaming.framing import FRAME_MS_CHOICES, OUTPUT_RATES
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     AGENT_FRAME_MS,
     FRAME_MS,
     HEADER_SIZE,
@@ -574,7 +574,7 @@ def test_arbitrary_binary_from_the_server_raises_only_protocol_errors(data):
 def test_the_client_direction_does_not_need_torch():
     code = (
         "import sys\n"
-        "from voxflow.transports.native_protocol import *\n"
+        "from voxflow.transports.protocols.native_protocol import *\n"
         "serialize_client(Start('c', style='happy', sample_rate=24000))\n"
         "parse_server(pack_audio('c', 0, 0.0, b''))\n"
         "parse_server(serialize_server(Done('c')))\n"

@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from voxflow.streaming.tokens import gpt_like_tokens
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     PROTOCOL,
     AudioPacket,
     Cancel,
@@ -124,7 +124,7 @@ async def server_leftovers(server: RunningServer) -> tuple[int, list[str]]:
 
     async def probe() -> tuple[int, list[str]]:
         tasks = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("voxflow-"))
-        return len(server.state.connections), tasks
+        return len(server.state.context_sets), tasks
 
     return await asyncio.to_thread(server.call, probe)
 
@@ -392,7 +392,7 @@ async def test_slow_reader_loses_its_context_and_server_memory_stays_bounded(eng
             await send(ws, Start("slow", sample_rate=48000), *(Text("slow", p) for p in [PARAGRAPH] * 4), End("slow"))
 
             async def probe():
-                streams = [c.stream("slow") for c in srv.state.connections if "slow" in c]
+                streams = [c.stream("slow") for c in srv.state.context_sets if "slow" in c]
                 queues_ok = all(s._output.qsize() <= s.options.output_queue for s in streams)
                 buffered = max(p.transport.get_write_buffer_size() for p in srv.server.server_state.connections)
                 return len(streams), queues_ok, buffered

@@ -230,7 +230,7 @@ def test_rate_limits_answer_429(engine):
 
 def test_a_draining_server_answers_503(engine):
     with run_server(engine) as draining:
-        draining.state.draining = True
+        draining.state.admission.draining = True
         with pytest.raises(openai.InternalServerError) as caught:
             client_for(draining, max_retries=0).audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
         assert caught.value.status_code == 503

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from voxflow.errors import LimitExceeded, VoxflowError
-from voxflow.transports.auth import Unauthorized
-from voxflow.transports.openai_protocol import (
+from voxflow.transports.core.auth import Unauthorized
+from voxflow.transports.protocols.openai_protocol import (
     MAX_INPUT_CHARS,
     OPENAI_VOICES,
     SAMPLE_RATE,

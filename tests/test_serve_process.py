@@ -15,7 +15,7 @@ from server_harness import free_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from voxflow.transports.native_protocol import AudioPacket, Done, End, Start, Text, parse_server, serialize_client
+from voxflow.transports.protocols.native_protocol import AudioPacket, Done, End, Start, Text, parse_server, serialize_client
 
 LONG_TEXT = "This reply is long enough to still be speaking when the server is asked to stop. " * 3
 

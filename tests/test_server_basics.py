@@ -30,6 +30,23 @@ def test_metrics_are_prometheus_text(server):
         assert name in r.text
 
 
+def test_metrics_show_what_a_leak_shows_in_first(server):
+    samples = {
+        line.split()[0]: float(line.split()[1])
+        for line in httpx.get(f"{server.http}/metrics", timeout=10).text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples["process_resident_memory_bytes"] > 50e6  # the voice alone is tens of MB
+    assert samples["process_open_fds"] >= 3
+    assert 1 <= samples["voxflow_event_loop_tasks"] < 1000
+
+
+def test_health_counts_every_admission_pool(server):
+    body = httpx.get(f"{server.http}/health", timeout=10).json()
+    assert set(body["admitted"]) == {"socket", "handshake", "http_stream", "webrtc", "wyoming", "conversation", "mqtt"}
+    assert body["connections"] == body["admitted"]["socket"] == 0
+
+
 def test_openapi_docs_are_served(server):
     assert httpx.get(f"{server.http}/docs", timeout=10).status_code == 200
     assert "/health" in httpx.get(f"{server.http}/openapi.json", timeout=10).json()["paths"]

@@ -167,8 +167,8 @@ def test_microphone_toggles(page, page_server):
 
 def wait_for_sessions(server, count: int) -> None:
     deadline = time.monotonic() + 10
-    while len(server.state.connections) != count:
-        assert time.monotonic() < deadline, f"{len(server.state.connections)} sessions open, expected {count}"
+    while len(server.state.context_sets) != count:
+        assert time.monotonic() < deadline, f"{len(server.state.context_sets)} sessions open, expected {count}"
         time.sleep(0.05)
 
 

@@ -21,7 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from server_harness import RunningServer, run_server
 from test_webrtc_signaling import BROWSER_OFFER
 from voxflow.streaming.engine import Engine
-from voxflow.transports.native_protocol import (
+from voxflow.transports.protocols.native_protocol import (
     Cancel,
     Cancelled,
     Done,
@@ -275,7 +275,8 @@ async def test_speech_flows_both_ways(rtc_server: RunningServer, speech_wav: Pat
         assert {rate for _, rate, _ in peer.audio} == {48000}
 
         async def listen():
-            session = registry(rtc_server).get(peer.session_id)
+            local = rtc_server.state.admission.identify(None, "127.0.0.1")  # who opened it
+            session = registry(rtc_server).get(peer.session_id, local)
             frames = []
             async with asyncio.timeout(15):
                 async for frame in session.microphone_frames():
@@ -374,7 +375,7 @@ async def test_delete_and_a_vanished_peer_both_end_their_session(rtc_server: Run
         await wait_until(lambda: len(registry(rtc_server)) == 0, timeout=15)
         await asyncio.sleep(0.5)
         assert await server_tasks(rtc_server) == []
-        assert len(rtc_server.state.connections) == 0
+        assert len(rtc_server.state.context_sets) == 0
     finally:
         await deleted.close()
         await vanished.close()

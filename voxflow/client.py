@@ -13,7 +13,7 @@ Async::
 Blocking: `VoxflowClient`, the same surface without `await`.
 
 One WebSocket carries every context of a client. A single reader task per connection parses
-frames with `voxflow.transports.native_protocol` and routes each one to its context's queue.
+frames with `voxflow.transports.protocols.native_protocol` and routes each one to its context's queue.
 Those queues are bounded (`queue_size` events, 256 by default: about five seconds of 20 ms
 frames plus their words). When a consumer stops reading, its queue fills and the reader waits
 for it; the connection's other contexts wait too, the socket stops being read, and the server
@@ -48,7 +48,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .errors import StreamClosed, VoxflowError
-from .transports.native_protocol import (
+from .transports.protocols.native_protocol import (
     PROTOCOL,
     AudioPacket,
     Cancel,
@@ -566,11 +566,21 @@ class AsyncVoxflowClient:
                 self._reconnect = asyncio.create_task(self._reconnect_in_background(), name="voxflow-client-reconnect")
 
     async def _reconnect_in_background(self) -> None:
-        try:
-            await self._connection()
-        except VoxflowError as exc:
-            # The next context tries again on its own; nothing is waiting for this task.
-            _LOGGER.warning("reconnect to %s failed: %s", self.url, exc)
+        # Jittered from the first try: every client of a draining or crashed server loses its
+        # connection at the same moment, and must not come back in the same one.
+        await asyncio.sleep(backoff_delay(0, self.backoff_initial, self.backoff_max))
+        # Until the server is back or the client is closed: a restarting server may take longer
+        # than one round of retries, and a context started meanwhile waits for this connection
+        # (it holds the lock) rather than failing. Only a refused key is final.
+        while not self._closed:
+            try:
+                await self._connection()
+                return
+            except ConnectionFailed as exc:
+                _LOGGER.warning("reconnect to %s failed, trying on: %s", self.url, exc)
+            except VoxflowError as exc:
+                _LOGGER.warning("reconnect to %s given up: %s", self.url, exc)
+                return
 
 
 async def _next_or_end(iterator: AsyncIterator[_T]) -> tuple[bool, _T | None]:

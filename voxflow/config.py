@@ -45,9 +45,23 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # accepted as "Authorization: Bearer KEY" or "xi-api-key: KEY"
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API
     grace_seconds: float = 10.0  # on SIGTERM: time in-flight streams get to finish
-    max_sockets: int = 64  # open WebSocket connections
+    # Admission (docs/security.md): every cap has a global and a per-client value; per-client caps
+    # bind API keys and non-loopback addresses.
+    max_connections: int = 512  # TCP connections of every kind the HTTP server holds; past it, 503
+    max_sockets: int = 64  # open WebSocket connections (native and ElevenLabs)
+    max_sockets_per_identity: int = 16
+    max_unauthenticated_sockets: int = 32  # sockets still to send their key (ElevenLabs: in the first message)
+    max_unauthenticated_per_address: int = 4
+    auth_timeout_seconds: float = 5.0  # a socket that sends no key within this is closed
+    max_http_streams: int = 32  # POST /v1/audio/speech responses being streamed
+    max_http_streams_per_identity: int = 8
+    max_conversations_per_identity: int = 2  # of AgentConfig.max_conversations
+    max_wyoming_connections: int = 16
+    max_wyoming_per_address: int = 4
     max_contexts_per_socket: int = 8
     max_message_chars: int = 10_000  # text in one message
+    max_message_bytes: int = 256 * 1024  # one WebSocket or Wyoming frame, before it is parsed
+    allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback ones a keyless loopback server answers
     requests_per_second: float = 20.0  # per API key (or per client address without keys)
     send_timeout_seconds: float = 5.0  # a context whose audio cannot be sent for this long is dropped
     cache_enabled: bool = True
@@ -58,6 +72,7 @@ class ServerConfig:
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs; none by default (no public STUN server)
     webrtc_loopback: bool = False  # offer 127.0.0.1 ICE candidates (tests, single-host demos)
     max_webrtc_sessions: int = 16
+    max_webrtc_sessions_per_identity: int = 4
     webrtc_idle_timeout_seconds: float = 30.0  # a session whose peer has gone quiet is closed
     mqtt_url: str = ""  # e.g. mqtt://127.0.0.1:1883: run the MQTT bridge beside the HTTP server
     wyoming_url: str = ""  # e.g. tcp://127.0.0.1:10200: run a Wyoming server beside the HTTP server
@@ -111,7 +126,7 @@ class Settings:
 
 
 _ENV_PREFIX = "VOXFLOW_"
-_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases", "ice_servers"}
+_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases", "ice_servers", "allowed_hosts"}
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:

@@ -33,6 +33,13 @@ class LimitExceeded(VoxflowError):
     code = "limit_exceeded"
 
 
+class AtCapacity(LimitExceeded):
+    """A server-wide or per-client cap on places (connections, streams, sessions) is reached:
+    try again later (HTTP 503, WebSocket close 1013)."""
+
+    http_status = 503
+
+
 class StreamClosed(VoxflowError):
     """Text was pushed to a stream that has ended or was cancelled."""
 

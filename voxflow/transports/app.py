@@ -9,6 +9,7 @@ conversation, are made (and the recognizer warmed) there as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,12 +27,13 @@ from ..errors import VoxflowError
 from ..streaming.audio_cache import AudioCache
 from ..streaming.engine import Engine
 from ..streaming.events import StreamEnd
-from .auth import RateLimiter
-from .contexts import ContextSet, Deliver
+from .core.admission import Admission, pool_limits
+from .core.browser_guard import BrowserGuard
+from .core.contexts import ContextSet, Deliver
 from .conversations import LiveConversation, agent_plugins
 from .elevenlabs_ws import install as install_elevenlabs
-from .http_errors import error_response, install_error_handlers
-from .metrics import ServerMetrics
+from .core.http import error_response, install_error_handlers
+from .core.metrics import ServerMetrics
 from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
@@ -50,9 +52,9 @@ class ServerState:
     engine: Engine
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     ready: bool = False
-    draining: bool = False
-    connections: set[ContextSet] = field(default_factory=set)
-    conversations: set[LiveConversation] = field(default_factory=set)  # admitted against AgentConfig.max_conversations
+    # Every open ContextSet, whatever carries it: a drain waits for them all.
+    context_sets: set[ContextSet] = field(default_factory=set)
+    conversations: set[LiveConversation] = field(default_factory=set)
     # The agent's plug-ins, one of each for every conversation (set in the lifespan).
     recognizer: SpeechRecognizer | None = None
     llm: LanguageModel | None = None
@@ -62,10 +64,14 @@ class ServerState:
     # Run first when draining: a service stops taking new work where it is offered (an MQTT
     # worker leaves its share group so other workers get the requests).
     drain_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    limiter: RateLimiter = field(init=False)
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
-        self.limiter = RateLimiter(self.settings.server.requests_per_second)
+        self.admission = Admission(self.settings.server, pool_limits(self.settings.server, self.settings.agent.max_conversations))
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
     def voice_for(self, name: str | None) -> str:
         """A requested voice name, alias (e.g. an OpenAI voice) or None -> a registry name."""
@@ -91,9 +97,18 @@ class ServerState:
         # Hooks first: requests a broker handed over before a worker left its group are still
         # served rather than refused.
         await asyncio.gather(*(hook() for hook in self.drain_hooks), return_exceptions=True)
-        self.draining = True
-        grace = self.settings.server.grace_seconds
-        await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), return_exceptions=True)
+        self.admission.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.grace_seconds
+        # Again for sets opened meanwhile: work accepted just before the drain may open one.
+        drained: set[ContextSet] = set()
+        while (waiting := self.context_sets - drained) and (left := deadline - loop.time()) > 0:
+            await asyncio.gather(*(c.drain(left) for c in waiting), return_exceptions=True)
+            drained |= waiting
+        # HTTP speech responses hold no context set; each is in-flight work until it ends.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self.admission.until_empty("http_stream")
 
 
 def _open_cache(path: Path, max_bytes: int) -> AudioCache:
@@ -148,9 +163,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             _LOGGER.info("voxflow ready with voices %s", ", ".join(sorted(voices)))
             yield
         finally:
-            state.draining = True
+            state.admission.draining = True
             await services.aclose()
-            await asyncio.gather(*(c.close() for c in list(state.connections)), return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in list(state.context_sets)), return_exceptions=True)
             if cache is not None:
                 state.engine.cache = None
                 await asyncio.get_running_loop().run_in_executor(None, cache.close)
@@ -167,11 +182,19 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             allow_headers=["authorization", "content-type", "xi-api-key"],
         )
     install_error_handlers(app)
+    # Outermost, so nothing a hostile page sends reaches a route (or the CORS preflight logic).
+    app.add_middleware(BrowserGuard, config=settings.server)
 
     @app.get("/health", summary="Readiness and load")
     async def health() -> JSONResponse:
         status = "draining" if state.draining else "ok" if state.ready else "starting"
-        body = {"status": status, "active_streams": sum(len(c) for c in state.connections), "connections": len(state.connections)}
+        admitted = state.admission.counts()
+        body = {
+            "status": status,
+            "active_streams": sum(len(c) for c in state.context_sets),
+            "connections": admitted["socket"],
+            "admitted": admitted,
+        }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/voices", summary="Voices this server can speak with")

@@ -16,9 +16,11 @@ from ..agent.events import AgentEvent
 from ..agent.llm import LanguageModel, language_model_from_config
 from ..agent.playout import AudioSink
 from ..agent.recognizers import recognizer_from_config
-from ..errors import LimitExceeded, VoxflowError
+from ..errors import VoxflowError
 from ..streaming.events import AudioFrame
-from .metrics import ServerMetrics
+from .core.admission import Identity, Ticket
+from .core.auth import RateLimiter
+from .core.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -69,7 +71,9 @@ class LiveConversation:
     """One agent on one connection. Made by `open_conversation`; `start` once the client has
     been told; `aclose` (or a carrier that is gone) ends it, and its tasks with it."""
 
-    def __init__(self, state: ServerState, audio: ConversationAudio, voice: str, style: str | None, send: SendEvent) -> None:
+    def __init__(
+        self, state: ServerState, audio: ConversationAudio, voice: str, style: str | None, send: SendEvent, ticket: Ticket
+    ) -> None:
         config = state.settings.agent
         config = dataclasses.replace(config, tts_voice=voice, tts_style=config.tts_style if style is None else style)
         self.voice = voice
@@ -78,6 +82,8 @@ class LiveConversation:
         self.fed_by_carrier = audio.microphone is None
         self._state = state
         self._send = send
+        self._ticket = ticket
+        self._real_time = RateLimiter(1.0, unit="seconds of audio")
         self._microphone = audio.microphone
         self.agent = Agent(
             state.engine, config, _Outlet(audio.sink, state.metrics, self.begin_close), input_rate=audio.input_rate,
@@ -96,7 +102,10 @@ class LiveConversation:
             self._spawn(self._listen(self._microphone), "microphone")
 
     async def feed(self, pcm: bytes) -> None:
-        """Microphone audio from the carrier (mono PCM16 LE at input_rate); raises InvalidAudio."""
+        """Microphone audio from the carrier (mono PCM16 LE at input_rate); raises InvalidAudio,
+        or RateLimited for audio that runs more than two seconds ahead of real time: speech
+        recognition on a faster stream would take the compute other clients are due."""
+        self._real_time.check("microphone", cost=len(pcm) / 2 / self.input_rate)
         await self.agent.feed(pcm)
 
     async def _forward(self) -> None:
@@ -105,6 +114,9 @@ class LiveConversation:
                 self._state.metrics.agent_event(event)
                 await self._send(event)
         except VoxflowError:  # the carrier cannot take it (gone, or not reading)
+            self.begin_close()
+        except Exception:  # a bug must end the conversation visibly, not leave it deaf
+            _LOGGER.exception("a conversation's events could not be forwarded")
             self.begin_close()
 
     async def _listen(self, microphone: AsyncIterator[bytes]) -> None:
@@ -134,22 +146,25 @@ class LiveConversation:
             await self.agent.aclose()
         finally:
             # Counted until its resources are released, so admission never overshoots.
+            self._ticket.release()
             self._state.conversations.discard(self)
             self._state.metrics.agent_conversations.set(len(self._state.conversations))
 
 
-def open_conversation(state: ServerState, audio: ConversationAudio, *, voice: str | None, style: str | None, send: SendEvent) -> LiveConversation:
-    """A new conversation, admitted against max_conversations; raises VoxflowError when refused.
+def open_conversation(
+    state: ServerState, identity: Identity, audio: ConversationAudio, *, voice: str | None, style: str | None, send: SendEvent
+) -> LiveConversation:
+    """A new conversation, admitted in the conversation pool; raises VoxflowError when refused.
 
     voice is a name or alias as the client gave it (None: the agent's configured voice).
     """
-    if state.draining:
-        raise VoxflowError("the server is shutting down; no new conversations", code="draining")
-    limit = state.settings.agent.max_conversations
-    # No await from the count to the add, so concurrent listens cannot overshoot.
-    if len(state.conversations) >= limit:
-        raise LimitExceeded(f"at most {limit} conversations at once on this server; try again later")
-    conversation = LiveConversation(state, audio, state.voice_for(voice or state.settings.agent.tts_voice or None), style, send)
+    ticket = state.admission.admit(identity, "conversation")
+    try:
+        voice_name = state.voice_for(voice or state.settings.agent.tts_voice or None)
+        conversation = LiveConversation(state, audio, voice_name, style, send, ticket)
+    except BaseException:
+        ticket.release()
+        raise
     state.conversations.add(conversation)
     state.metrics.agent_conversations.set(len(state.conversations))
     return conversation

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from ..errors import LimitExceeded, StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
-from .auth import Unauthorized, check_key, presented_key
-from .contexts import ContextRequest, ContextSet, UnknownContext
-from .elevenlabs_protocol import (
+from .core.admission import Draining, Identity, Ticket
+from .core.auth import Unauthorized, presented_key
+from .core.contexts import ContextRequest, ContextSet, Disconnected, UnknownContext
+from .core.websocket import CLOSE_GOING_AWAY, CLOSE_NORMAL, SocketCarrier, close_code_for
+from .protocols.elevenlabs_protocol import (
     DEFAULT_CONTEXT,
     INTERNAL_ERROR,
     POLICY_VIOLATION,
@@ -44,10 +46,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_TRY_AGAIN_LATER = 1013
-_CLOSE_REASON_BYTES = 123  # the most a close frame's reason may hold
 
 _SINGLE = "stream-input"  # the one context of a stream-input socket
 # Audio one context may have waiting for the socket before its pump waits too; past
@@ -55,12 +53,6 @@ _SINGLE = "stream-input"  # the one context of a stream-input socket
 _HIGH_WATER_SECONDS = 2.0
 # Error messages waiting for a client that sends but does not read; past this, they are dropped.
 _MAX_QUEUED_MESSAGES = 256
-
-
-class _Disconnected(VoxflowError):
-    """The socket can no longer carry messages. A VoxflowError, so a pump ends quietly on it."""
-
-    code = "disconnected"
 
 
 def _resolve(sent: asyncio.Future[bool], value: bool) -> None:
@@ -91,11 +83,11 @@ class _Sender:
     the first audio goes out as soon as it exists.
     """
 
-    def __init__(self, ws: WebSocket, options: ConnectionOptions, *, multi: bool, send_timeout: float) -> None:
-        self._ws = ws
+    def __init__(self, socket: SocketCarrier, options: ConnectionOptions, *, multi: bool) -> None:
+        self._socket = socket
         self._options = options
         self._multi = multi
-        self._send_timeout = send_timeout
+        self._send_timeout = socket.send_timeout
         self._packers: dict[str, AudioPacker] = {}
         self._discarded: set[str] = set()  # cancelled contexts: their remaining audio must not go out
         self._queue: deque[dict | _Finish | _Close] = deque()
@@ -109,7 +101,7 @@ class _Sender:
 
     def _check(self) -> None:
         if not self._open:
-            raise _Disconnected("the connection is closed")
+            raise Disconnected("the connection is closed")
 
     async def event(self, event: AudioFrame | WordTimestamp) -> None:
         self._check()
@@ -128,9 +120,14 @@ class _Sender:
             self._check()
 
     def send(self, payload: dict) -> None:
-        if self._open and len(self._queue) < _MAX_QUEUED_MESSAGES:
-            self._queue.append(payload)
-            self._wake.set()
+        self._check()
+        if len(self._queue) >= _MAX_QUEUED_MESSAGES:
+            # The client sends but does not read. Dropping a message could drop the isFinal it
+            # waits for, so it is treated as gone instead.
+            self._stop()
+            raise Disconnected("the client stopped reading")
+        self._queue.append(payload)
+        self._wake.set()
 
     def discard(self, context_id: str) -> None:
         self._discarded.add(context_id)
@@ -142,7 +139,7 @@ class _Sender:
         if end.reason != "done":
             self.discard(end.context_id)
         if not await self._enqueue(_Finish(end, close_code, asyncio.get_running_loop().create_future())):
-            raise _Disconnected("the connection is closed")
+            raise Disconnected("the connection is closed")
 
     async def close(self, code: int, reason: str) -> None:
         """After what is queued; a client that reads nothing gets send_timeout to take it all,
@@ -188,7 +185,7 @@ class _Sender:
                         await self._send(item)
                 self._progress.set()
                 self._progress = asyncio.Event()
-        except _Disconnected:
+        except Disconnected:
             pass
         finally:
             self._stop()
@@ -217,20 +214,13 @@ class _Sender:
 
     async def _close(self, item: _Close) -> None:
         self._open = False
-        reason = item.reason.encode()[:_CLOSE_REASON_BYTES].decode(errors="ignore")
-        # Bounded: a client that reads nothing holds up even the close frame.
-        with contextlib.suppress(TimeoutError, WebSocketDisconnect, WebSocketDisconnected, OSError):
-            async with asyncio.timeout(self._send_timeout):
-                await self._ws.close(item.code, reason)
+        await self._socket.close(item.code, item.reason)
         _resolve(item.sent, True)
 
     async def _send(self, payload: dict) -> None:
         # Unbounded here: a context whose audio waits too long is ContextSet's to drop (its
         # pump waits for room in the packer), and the rest wait their turn on the one socket.
-        try:
-            await self._ws.send_json(payload)
-        except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
-            raise _Disconnected("the connection is closed") from exc
+        await self._socket.send(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
 
 @dataclass
@@ -238,6 +228,7 @@ class _ContextState:
     last_input: float  # loop time of the last message naming the context
     flushed: bool = False  # everything pushed so far was flushed: a close lets it finish
     closing: bool = False
+    ended: bool = False  # its stream has ended; its isFinal is on the way
 
 
 class _Session:
@@ -247,15 +238,14 @@ class _Session:
     contexts: ContextSet
 
     def __init__(self, ws: WebSocket, state: ServerState, voice_id: str, *, multi: bool) -> None:
-        self.ws = ws
+        self.socket = SocketCarrier(ws, state.settings.server.send_timeout_seconds)
         self.state = state
         self.config = state.settings.server
         self.multi = multi
         self.voice = self._resolve_voice(voice_id)
         self.loop = asyncio.get_running_loop()
         self.last_input = self.loop.time()
-        self.identity = ""
-        self.authenticated = False
+        self.identity: Identity | None = None  # set once admitted
         self.ended = False  # stream-input: the end of input ({"text": ""}) arrived
         self.started = False  # stream-input: its context was opened
         self.open: dict[str, _ContextState] = {}
@@ -273,54 +263,72 @@ class _Session:
             await self.sender.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def run(self) -> None:
-        await self.ws.accept()
+        await self.socket.ws.accept()
         try:
-            self.options = parse_query(self.ws.query_params)
-            key = presented_key(self.ws.headers) or self.options.api_key
-            if key is not None or not self.config.api_keys:
-                self._authenticate(key)
-            if self.state.draining:
-                raise VoxflowError("the server is shutting down", code="draining")
-            # No await between the count and the add, so concurrent handshakes cannot overshoot.
-            if len(self.state.connections) >= self.config.max_sockets:
-                raise LimitExceeded(f"at most {self.config.max_sockets} connections; try again later")
+            self.options = parse_query(self.socket.ws.query_params)
+            admitted = await self._admit()
         except VoxflowError as exc:
             await self._refuse(exc)
             return
-        self.sender = _Sender(self.ws, self.options, multi=self.multi, send_timeout=self.config.send_timeout_seconds)
-        self.contexts = self.state.connection_contexts(self.deliver, after_drain=self._close_after_drain)
-        self.state.connections.add(self.contexts)
-        try:
-            await self._receive_loop()
-        except _Disconnected:
-            pass
-        finally:
-            self.state.connections.discard(self.contexts)
-            await self.contexts.close()
-            await self.sender.aclose()
+        if admitted is None:  # gone before it sent its key
+            return
+        ticket, first = admitted
+        with ticket:
+            self.sender = _Sender(self.socket, self.options, multi=self.multi)
+            self.contexts = self.state.connection_contexts(self.deliver, after_drain=self._close_after_drain)
+            self.state.context_sets.add(self.contexts)
+            try:
+                await self._receive_loop(first)
+            except Disconnected:
+                pass
+            finally:
+                self.state.context_sets.discard(self.contexts)
+                await self.contexts.close()
+                await self.sender.aclose()
 
-    def _authenticate(self, key: str | None) -> None:
+    async def _admit(self) -> tuple[Ticket, ClientMessage | None] | None:
+        """The socket's place, and the first message when that is what carried the key.
+
+        ElevenLabs lets the key come in the first message. Until it does, the socket holds a
+        place in the small handshake pool only, for at most auth_timeout_seconds, so clients
+        that never send a key cannot take the places of those that do.
+        """
+        admission = self.state.admission
+        key = presented_key(self.socket.ws.headers) or self.options.api_key
+        if key is not None or not admission.keys:
+            return self._admit_key(key), None
+        with admission.admit(admission.anonymous(self.socket.peer), "handshake", rate=False):
+            try:
+                async with asyncio.timeout(self.config.auth_timeout_seconds):
+                    raw = await self.socket.receive()
+            except TimeoutError:
+                raise self._unauthorized(f"no API key within {self.config.auth_timeout_seconds:g} s") from None
+            if raw is None:
+                return None
+            try:
+                first = parse_message(raw)
+            except VoxflowError as exc:  # a message that cannot be read carries no key
+                raise self._unauthorized(f"the first message could not be read ({exc})") from None
+            return self._admit_key(first.api_key), first
+
+    def _admit_key(self, key: str | None) -> Ticket:
         try:
-            check_key(self.config.api_keys, key)
+            self.identity, ticket = self.socket.admit(self.state.admission, key)
         except Unauthorized:
-            raise ElevenLabsError(
-                "invalid or missing API key: send it as the xi-api-key header, Authorization: Bearer, "
-                "or xi_api_key in the first message",
-                error="invalid_api_key",
-            ) from None
-        # With keys the (checked) key is the identity; without, a client-chosen key must not
-        # let it escape its address's rate limit.
-        self.identity = key if self.config.api_keys and key else (self.ws.client.host if self.ws.client else "unknown")
-        self.authenticated = True
-        self.state.limiter.check(self.identity)
+            raise self._unauthorized("invalid or missing API key") from None
+        return ticket
+
+    @staticmethod
+    def _unauthorized(problem: str) -> ElevenLabsError:
+        return ElevenLabsError(
+            f"{problem}: send it as the xi-api-key header, Authorization: Bearer, or xi_api_key in the first message",
+            error="invalid_api_key",
+        )
 
     async def _refuse(self, exc: VoxflowError) -> None:
         """Before the session is set up: the error, then the close, straight on the socket."""
         self.state.metrics.errors.labels(exc.code).inc()
-        with contextlib.suppress(TimeoutError, WebSocketDisconnect, WebSocketDisconnected, OSError):
-            async with asyncio.timeout(self.config.send_timeout_seconds):
-                await self.ws.send_json(error_message(exc.code, str(exc)))
-                await self.ws.close(_close_code(exc), str(exc).encode()[:_CLOSE_REASON_BYTES].decode(errors="ignore"))
+        await self.socket.refuse(json.dumps(error_message(exc.code, str(exc)), ensure_ascii=False), exc)
 
     def _report(self, exc: VoxflowError, context_id: str | None = None) -> None:
         self.state.metrics.errors.labels(exc.code).inc()
@@ -330,7 +338,7 @@ class _Session:
     async def _fail(self, exc: VoxflowError) -> None:
         """ElevenLabs' way with errors it cannot carry on from: the error, then a close."""
         self._report(exc)
-        await self.sender.close(_close_code(exc), str(exc))
+        await self.sender.close(close_code_for(exc), str(exc))
 
     # -- input ----------------------------------------------------------------------------
 
@@ -341,39 +349,40 @@ class _Session:
         idle = [s.last_input + timeout for s in self.open.values() if not s.closing]
         return min([self.last_input + timeout, *idle])
 
-    async def _receive_loop(self) -> None:
+    async def _receive_loop(self, first: ClientMessage | None) -> None:
+        if first is not None and await self._handle(first):
+            return
         while True:
             try:
                 async with asyncio.timeout_at(self._deadline()):
-                    frame = await self.ws.receive()
+                    raw = await self.socket.receive()
             except TimeoutError:
                 if await self._on_idle():
                     return
                 continue
-            if frame["type"] == "websocket.disconnect":
+            if raw is None:
                 return
             self.last_input = self.loop.time()
-            raw = frame.get("text")
             try:
-                msg = parse_message(raw if raw is not None else frame.get("bytes") or b"")
-                if not self.authenticated:
-                    self._authenticate(msg.api_key)
+                msg = parse_message(raw)
             except VoxflowError as exc:
-                if not self.authenticated:  # the first message must carry the key
-                    await self._fail(exc)
-                    return
                 self._report(exc)
                 continue
-            try:
-                if await (self._handle_multi(msg) if self.multi else self._handle_single(msg)):
-                    return
-            except _Disconnected:
-                raise
-            except VoxflowError as exc:
-                self._report(exc, msg.context_id or DEFAULT_CONTEXT)
-            except Exception:  # one bad message must not take the other contexts down
-                _LOGGER.exception("elevenlabs stream: a message failed")
-                self._report(VoxflowError("internal error", code="internal_error"), msg.context_id or DEFAULT_CONTEXT)
+            if await self._handle(msg):
+                return
+
+    async def _handle(self, msg: ClientMessage) -> bool:
+        """One message; True when the session is over."""
+        try:
+            return await (self._handle_multi(msg) if self.multi else self._handle_single(msg))
+        except Disconnected:
+            raise
+        except VoxflowError as exc:
+            self._report(exc, msg.context_id or DEFAULT_CONTEXT)
+        except Exception:  # one bad message must not take the other contexts down
+            _LOGGER.exception("elevenlabs stream: a message failed")
+            self._report(VoxflowError("internal error", code="internal_error"), msg.context_id or DEFAULT_CONTEXT)
+        return False
 
     async def _on_idle(self) -> bool:
         """An inactivity deadline passed; True when the socket was closed for it."""
@@ -444,6 +453,10 @@ class _Session:
                 return False
             if not text.strip():  # the initial " " opens the context without speaking
                 text = None
+        elif state.ended:
+            # Its end and isFinal are on the way (maybe stuck behind a client that does not
+            # read): more input for it is moot, and an error per message would pile up.
+            return False
         elif state.closing:
             if text:
                 raise StreamClosed(f"context {context_id!r} is closing; open a new one")
@@ -455,7 +468,7 @@ class _Session:
 
     async def _speak(self, context_id: str, text: str | None, flush: bool) -> None:
         state = self.open.get(context_id)
-        if state is None:
+        if state is None or state.ended:
             raise StreamClosed("the stream has ended")
         if text:
             await self.contexts.push(context_id, text)
@@ -465,10 +478,10 @@ class _Session:
             state.flushed = True
 
     def _open_context(self, context_id: str, settings: VoiceSettings | None) -> None:
-        if self.state.draining:
-            raise VoxflowError("the server is shutting down; no new contexts", code="draining")
         if self.multi:  # a stream-input socket's one context was paid for when it connected
-            self.state.limiter.check(self.identity)
+            self.state.admission.check_new_work(self.identity)
+        elif self.state.draining:
+            raise Draining("the server is shutting down; no new contexts")
         request = ContextRequest(
             context_id,
             voice=self.voice,
@@ -486,7 +499,7 @@ class _Session:
         """Flushed text is spoken to the end, then isFinal; unflushed text is dropped at once.
         A second close (a barge-in during the rest of a flushed answer) stops it too."""
         state = self.open.get(context_id)
-        if state is None:
+        if state is None or state.ended:
             return
         if state.flushed and not state.closing:
             state.closing = True
@@ -509,18 +522,16 @@ class _Session:
         if not isinstance(event, StreamEnd):
             await self.sender.event(event)
             return
-        self.open.pop(event.context_id, None)
+        state = self.open.get(event.context_id)
+        if state is not None:
+            state.ended = True
         # stream-input carries one context: ElevenLabs closes the socket after its isFinal.
         close_code = None if self.multi else CLOSE_GOING_AWAY if self.state.draining else CLOSE_NORMAL
-        await self.sender.finish(event, close_code)
-
-
-def _close_code(exc: VoxflowError) -> int:
-    if exc.code == "draining":
-        return CLOSE_GOING_AWAY
-    if exc.code in ("rate_limited", "limit_exceeded"):
-        return CLOSE_TRY_AGAIN_LATER
-    return POLICY_VIOLATION
+        try:
+            await self.sender.finish(event, close_code)
+        finally:  # its isFinal is out, or the pump gave up waiting: the id may be used again
+            if self.open.get(event.context_id) is state:
+                self.open.pop(event.context_id, None)
 
 
 def install(app: FastAPI, state: ServerState) -> None:

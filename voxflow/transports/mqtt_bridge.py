@@ -2,9 +2,16 @@
 back to the broker as they are made (docs/mqtt.md; the payloads live in mqtt_protocol and
 hermes_protocol).
 
-Each device (and each Hermes site) gets a ContextSet of its own, so one busy device cannot
-take another's slots beyond the bridge-wide limit. The connection is re-made with exponential
-backoff whenever the broker goes away; requests in flight then end, later ones are served.
+Every device shares the one broker connection, so the loop that reads it never waits on a
+request: it parses, admits and queues, nothing more. Each request's text reaches its stream
+through a task of its own (waiting for room there holds up that request alone), its audio and
+events are published by its context's pump, and the errors the loop answers are published by
+tasks it does not wait for. Places are counted by the server's admission, pool "mqtt": per
+device (or Hermes site) and for the whole bridge. Each device gets a ContextSet of its own,
+registered with the server while the device has requests in flight.
+
+The connection is re-made with exponential backoff whenever the broker goes away; requests in
+flight then end, later ones are served.
 """
 
 from __future__ import annotations
@@ -19,18 +26,21 @@ import socket
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from enum import Enum
+from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..errors import LimitExceeded, VoxflowError
+from ..errors import StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
+from ..streaming.stream import SynthesisStream
 from ..voices.styles import Style
-from . import hermes_protocol as hermes
-from .contexts import ContextRequest, ContextSet, UnknownContext
-from .mqtt_protocol import (
+from .core.admission import Identity, Ticket
+from .core.contexts import ContextRequest, ContextSet, UnknownContext
+from .protocols import hermes_protocol as hermes
+from .protocols.mqtt_protocol import (
     AUDIO_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
     AudioBatcher,
@@ -67,6 +77,20 @@ _BACKOFF_MAX = 30.0
 _LEAVE_SETTLE_SECONDS = 1.0
 _CONTROL_QOS = 1  # requests, events, errors, availability
 _HERMES = "hermes"  # device-key namespace of Hermes sites (voxflow devices use "")
+# Text messages of one request waiting for room in its stream (whose own queue holds 1024
+# more): MQTT cannot slow a sender down, so a request whose text outruns its speech this far
+# is dropped rather than buffered without end.
+_INBOX_MESSAGES = 1024
+# Error replies the reading loop has handed off and not yet seen published; beyond this the
+# broker is not keeping up and further ones are dropped (and logged).
+_MAX_PENDING_REPLIES = 256
+
+_Key = tuple[str, str]  # (namespace, device)
+
+
+class _Mark(Enum):
+    FLUSH = "flush"
+    END = "end"
 
 
 @dataclass(frozen=True)
@@ -79,18 +103,30 @@ class _ReplyTo:
 
 @dataclass
 class _Route:
-    """Where one request's audio and events go."""
+    """One request in flight: where its audio and events go, and its text on the way in."""
 
-    device: str
+    key: _Key
     request_id: str
+    stream: SynthesisStream
+    ticket: Ticket
     sample_rate: int
     reply: _ReplyTo
     hermes: hermes.HermesSay | None = None
     batcher: AudioBatcher = field(default_factory=AudioBatcher)
     pcm: bytearray = field(default_factory=bytearray)  # Hermes answers with one WAV
-    cancelled: bool = False
+    # How the request ends when it is stopped early (cancel, dropped, broker lost); from then
+    # on none of its audio is published.
+    stopped: StreamEnd | None = None
     # Audio waits until `started` is out, so a client sees `started` first on a response topic.
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    inbox: asyncio.Queue[str | _Mark] = field(default_factory=lambda: asyncio.Queue(_INBOX_MESSAGES))
+    waiting_chars: int = 0
+    text_ended: bool = False
+    feeder: asyncio.Task[None] | None = None
+
+    @property
+    def device(self) -> str:
+        return self.key[1]
 
 
 @dataclass
@@ -100,9 +136,18 @@ class _Device:
 
 
 class Unavailable(VoxflowError):
-    """The broker connection is down; a pump that gets this ends quietly."""
+    """The broker connection is down or a publish did not complete."""
 
     code = "disconnected"
+
+
+def _failure(exc: Exception, what: str) -> tuple[str, str]:
+    """(code, message) that answers `what` (a message, a request) failing with `exc`; a bug is
+    logged here, once."""
+    if isinstance(exc, VoxflowError):
+        return exc.code, str(exc)
+    _LOGGER.error("MQTT %s failed", what, exc_info=exc)
+    return "internal_error", "internal error"
 
 
 class MqttBridge:
@@ -112,9 +157,10 @@ class MqttBridge:
         self.topics = Topics(self.config.mqtt_prefix)
         self.broker = BrokerAddress.parse(self.config.mqtt_url)
         self._client: aiomqtt.Client | None = None
-        self._devices: dict[tuple[str, str], _Device] = {}
+        self._devices: dict[_Key, _Device] = {}
+        self._replies: set[asyncio.Task[None]] = set()
+        self._replies_dropping = False
         self.connected = asyncio.Event()  # set while subscribed and `online` is published
-        self._left_group = False  # unsubscribed from new requests (draining)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -126,16 +172,17 @@ class MqttBridge:
             yield self
         finally:
             self.state.drain_hooks.remove(self._stop_taking_requests)
-            await asyncio.gather(*(d.contexts.close() for d in list(self._devices.values())), return_exceptions=True)
-            if self._client is not None:
-                # A clean disconnect does not fire the last will, so say it ourselves.
-                with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                    await self._client.publish(self.topics.status, b"offline", qos=_CONTROL_QOS, retain=True, timeout=5)
+            # Stop reading first (the task says `offline` as it leaves), then end what is left.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            for device in self._devices.values():
-                self.state.connections.discard(device.contexts)
-            self._devices.clear()
+            devices, routes = list(self._devices.values()), self._routes()
+            await asyncio.gather(*(device.contexts.close() for device in devices), return_exceptions=True)
+            for route in routes:  # their pumps were cancelled, maybe before delivering the end
+                self._end(route)
+            tasks = [*self._replies, *(route.feeder for route in routes if route.feeder is not None)]
+            for pending in tasks:
+                pending.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stop_taking_requests(self) -> None:
         """Unsubscribe from new requests so the broker hands them to the group's other workers;
@@ -145,9 +192,9 @@ class MqttBridge:
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await client.unsubscribe(new_requests, timeout=5)
-                self._left_group = True
                 # Requests the broker had already assigned to this worker can still be queued
-                # for it behind the acknowledgement (QoS 1 in-flight window); let them land.
+                # for it behind the acknowledgement (QoS 1 in-flight window); let them land
+                # before the drain refuses new work.
                 await asyncio.sleep(_LEAVE_SETTLE_SECONDS)
 
     def _new_client(self) -> aiomqtt.Client:
@@ -179,172 +226,282 @@ class MqttBridge:
         while True:
             try:
                 async with self._new_client() as client:
-                    for topic_filter in self._filters():
-                        await client.subscribe(topic_filter, qos=_CONTROL_QOS)
-                    self._client = client
-                    await client.publish(self.topics.status, b"online", qos=_CONTROL_QOS, retain=True)
-                    self.connected.set()
-                    delay = _BACKOFF_START
-                    _LOGGER.info("MQTT bridge on %s:%d, prefix %s", self.broker.host, self.broker.port, self.topics.prefix)
-                    async for message in client.messages:
-                        await self._on_message(message)
+                    try:
+                        for topic_filter in self._filters():
+                            await client.subscribe(topic_filter, qos=_CONTROL_QOS)
+                        self._client = client
+                        await client.publish(self.topics.status, b"online", qos=_CONTROL_QOS, retain=True)
+                        self.connected.set()
+                        delay = _BACKOFF_START
+                        _LOGGER.info("MQTT bridge on %s:%d, prefix %s", self.broker.host, self.broker.port, self.topics.prefix)
+                        async for message in client.messages:
+                            self._on_message(message)
+                    except aiomqtt.MqttError:
+                        raise  # the connection is broken: the broker sends the last will
+                    except BaseException:
+                        # Leaving a working connection (shutdown, a failure of ours): a clean
+                        # disconnect fires no last will, so say `offline` ourselves.
+                        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                            await client.publish(self.topics.status, b"offline", qos=_CONTROL_QOS, retain=True, timeout=5)
+                        raise
             except aiomqtt.MqttError as exc:
                 _LOGGER.warning("MQTT broker %s:%d: %s; reconnecting in %.1f s", self.broker.host, self.broker.port, exc, delay)
+            except Exception:
+                _LOGGER.exception("MQTT bridge failed; reconnecting in %.1f s", delay)
             finally:
                 self._client = None
                 self.connected.clear()
+                for route in self._routes():
+                    self._stop(route, "error", "disconnected", "the connection to the MQTT broker was lost")
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- requests (synchronous: nothing here may wait on one request) ---------------------------
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
+    def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
         if topic == hermes.SAY_TOPIC:
-            await self._on_hermes(payload)
-            return
-        parsed = self.topics.parse(topic)
-        if parsed is None:
-            return
-        device, kind = parsed
-        props = message.properties
-        reply = _ReplyTo(getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
+            self._on_hermes(payload)
+        elif (parsed := self.topics.parse(topic)) is not None:
+            self._on_request(*parsed, payload, message.properties)
+
+    def _on_request(self, device: str, kind: str, payload: bytes, properties: Properties | None) -> None:
+        reply, refusal = self._reply_to(properties)
         request_id = None
         try:
             request = parse_request(device, kind, payload, self._limits(), lambda: secrets.token_hex(8))
             request_id = request.id
-            await self._handle(request, reply)
+            if refusal is not None:
+                raise MqttProtocolError(refusal.code, str(refusal), request_id)
+            self._handle(request, reply)
+        except Exception as exc:  # one bad message must not stop the bridge
+            code, message = _failure(exc, f"message on {self.topics.prefix}/{device}/{kind}")
+            rid = exc.request_id if isinstance(exc, MqttProtocolError) else request_id
+            self._spawn(self._error(device, code, message, rid, reply))
+
+    def _reply_to(self, properties: Properties | None) -> tuple[_ReplyTo, MqttProtocolError | None]:
+        """Where replies go, and why the requested response topic is refused (then they go to
+        the device's own topics)."""
+        topic = getattr(properties, "ResponseTopic", None)
+        if topic is None:
+            return _ReplyTo(), None
+        try:
+            self.topics.check_response_topic(topic)
         except MqttProtocolError as exc:
-            await self._error(device, exc.code, str(exc), exc.request_id, reply)
-        except VoxflowError as exc:
-            await self._error(device, exc.code, str(exc), request_id, reply)
-        except Exception:  # one bad request must not stop the bridge
-            _LOGGER.exception("MQTT request on %s failed", topic)
-            await self._error(device, "internal_error", "internal error", request_id, reply)
+            return _ReplyTo(), exc
+        return _ReplyTo(topic, getattr(properties, "CorrelationData", None)), None
 
     def _limits(self) -> RequestLimits:
         aliases = {pair.split("=", 1)[0] for pair in self.config.voice_aliases if "=" in pair}
         names = {info.name for info in self.state.engine.voices.infos()}
         return RequestLimits(self.config.max_message_chars, frozenset(names | aliases))
 
-    async def _handle(self, request: Request, reply: _ReplyTo) -> None:
+    def _handle(self, request: Request, reply: _ReplyTo) -> None:
         key = ("", request.device)
         match request:
             case Say():
-                device = await self._open(key, request.id, request.voice, request.style, request.sample_rate, reply)
+                route = self._open(key, request.id, request.voice, request.style, request.sample_rate, reply)
                 # Text and end together: a canned phrase reaches the stream whole (audio cache).
-                await device.contexts.push(request.id, request.text)
-                await device.contexts.end(request.id)
+                self._queue(route, request.text)
+                self._queue(route, _Mark.END)
             case StartStream():
-                await self._open(key, request.id, request.voice, request.style, request.sample_rate, reply)
+                self._open(key, request.id, request.voice, request.style, request.sample_rate, reply)
             case StreamText():
-                device = self._devices.get(key)
-                if device is None or request.id not in device.contexts:
+                route = self._route(key, request.id)
+                if route is None:
                     if self._shared:
                         return  # another worker of the group holds (or refused) this stream
-                    device = await self._open(key, request.id, None, Style(), None, reply)
-                await device.contexts.push(request.id, request.text)
-                if request.end:
-                    await device.contexts.end(request.id)
-                elif request.flush:
-                    await device.contexts.flush(request.id)
-            case EndStream() | CancelRequest() if self._shared and not self._holds(key, request.id):
+                    route = self._open(key, request.id, None, Style(), None, reply)
+                self._queue(route, request.text)
+                if request.end or request.flush:
+                    self._queue(route, _Mark.END if request.end else _Mark.FLUSH)
+            case EndStream() | CancelRequest() if self._shared and self._route(key, request.id) is None:
                 return  # another worker of the group holds this request
             case EndStream():
-                await self._known(key, request.id).contexts.end(request.id)
+                self._queue(self._known(key, request.id), _Mark.END)
             case CancelRequest():
-                device = self._known(key, request.id)
-                # A stream whose synthesis already finished keeps its audio and `done`.
-                finished = device.contexts.stream(request.id).done
-                device.contexts.cancel(request.id)
-                if not finished and request.id in device.routes:
-                    device.routes[request.id].cancelled = True
+                route = self._known(key, request.id)
+                self._stop(route, "cancelled")
 
     @property
     def _shared(self) -> bool:
         return bool(self.config.mqtt_share_group)
 
-    def _holds(self, key: tuple[str, str], request_id: str) -> bool:
+    def _route(self, key: _Key, request_id: str) -> _Route | None:
         device = self._devices.get(key)
-        return device is not None and request_id in device.contexts
+        return device.routes.get(request_id) if device is not None else None
 
-    def _known(self, key: tuple[str, str], request_id: str) -> _Device:
-        device = self._devices.get(key)
-        if device is None or request_id not in device.contexts:
+    def _known(self, key: _Key, request_id: str) -> _Route:
+        route = self._route(key, request_id)
+        if route is None:
             raise UnknownContext(f"no open request {request_id!r} on {key[1]!r}")
-        return device
+        return route
 
-    async def _open(
-        self, key: tuple[str, str], request_id: str, voice: str | None, style: Style, sample_rate: int | None,
+    def _open(
+        self, key: _Key, request_id: str, voice: str | None, style: Style, sample_rate: int | None,
         reply: _ReplyTo, say: hermes.HermesSay | None = None,
-    ) -> _Device:
-        # After leaving the share group only requests the broker had already handed over
-        # arrive; they are served. Before that, draining means no new work.
-        if self.state.draining and not self._left_group:
-            raise VoxflowError("the server is shutting down; no new requests", code="draining")
-        self.state.limiter.check(f"mqtt:{key[1]}")
-        in_flight = sum(len(d.contexts) for d in self._devices.values())
-        if in_flight >= self.config.mqtt_max_in_flight:
-            raise LimitExceeded(f"{in_flight} requests in flight on this server; at most {self.config.mqtt_max_in_flight}")
-        device = self._devices.get(key)
-        if device is None:
-            device = self._devices[key] = _Device(ContextSet(
-                self.state.engine, lambda event: self._deliver(key, event),
-                max_contexts=self.config.mqtt_max_per_device, send_timeout=self.config.send_timeout_seconds,
-                metrics=self.state.metrics,
-            ))
-            self.state.connections.add(device.contexts)
-        stream = device.contexts.open(ContextRequest(request_id, voice=self.state.voice_for(voice), style=style, sample_rate=sample_rate))
-        route = device.routes[request_id] = _Route(key[1], request_id, sample_rate or stream.voice.sample_rate, reply, say)
+    ) -> _Route:
+        # Raises draining, rate_limited or limit_exceeded (per device, or the whole bridge).
+        ticket = self.state.admission.admit(Identity(name=f"mqtt:{key[1]}", peer=f"mqtt:{key[1]}", keyed=True), "mqtt")
+        device = self._devices.get(key) or _Device(ContextSet(
+            self.state.engine, lambda event: self._deliver(key, event),
+            # Admission caps the device first; this only sizes the set.
+            max_contexts=self.config.mqtt_max_per_device, send_timeout=self.config.send_timeout_seconds,
+            metrics=self.state.metrics, on_closed=lambda request_id: self._closed(key, request_id),
+        ))
         try:
-            if say is None:
-                await self._event(route, Started(request_id, stream.voice.info.name, route.sample_rate))
-        finally:
-            route.started.set()
-        return device
+            stream = device.contexts.open(ContextRequest(request_id, voice=self.state.voice_for(voice), style=style, sample_rate=sample_rate))
+        except BaseException:
+            ticket.release()
+            raise
+        if key not in self._devices:
+            self._devices[key] = device
+            self.state.context_sets.add(device.contexts)
+        route = device.routes[request_id] = _Route(key, request_id, stream, ticket, sample_rate or stream.voice.sample_rate, reply, say)
+        if say is not None:
+            route.started.set()  # Hermes has no `started`
+        route.feeder = asyncio.get_running_loop().create_task(self._feed(route), name=f"voxflow-mqtt-{key[1]}-{request_id}")
+        return route
 
-    async def _on_hermes(self, payload: bytes) -> None:
+    def _queue(self, route: _Route, item: str | _Mark) -> None:
+        """Hand text (or a flush, the end) to the request's feeder without waiting."""
+        if route.stopped is not None:
+            return  # its end (an error or `cancelled`) is on the way
+        if route.text_ended:
+            raise StreamClosed(f"request {route.request_id!r} has already ended its text")
+        chars = len(item) if isinstance(item, str) else 0
+        if route.inbox.full() or route.waiting_chars + chars > self.state.engine.config.max_text_chars:
+            self._stop(route, "error", "limit_exceeded", (
+                f"text arrives faster than it is spoken ({route.inbox.qsize()} messages, {route.waiting_chars} "
+                f"characters waiting); request {route.request_id!r} dropped"
+            ))
+            return
+        route.text_ended = item is _Mark.END
+        route.waiting_chars += chars
+        route.inbox.put_nowait(item)
+
+    def _stop(self, route: _Route, reason: Literal["cancelled", "error"], code: str = "", message: str = "") -> None:
+        """End a request early; one whose synthesis already finished keeps its audio and `done`."""
+        if route.stopped is None and not route.stream.done:
+            route.stopped = StreamEnd(route.request_id, reason, code, message)
+            route.stream.cancel()
+
+    def _routes(self) -> list[_Route]:
+        return [route for device in self._devices.values() for route in device.routes.values()]
+
+    def _on_hermes(self, payload: bytes) -> None:
+        say = None
         try:
             say = hermes.parse_say(payload, self.config.max_message_chars)
-        except hermes.HermesError as exc:
-            await self._hermes_error(str(exc), exc.site_id, exc.session_id)
-            return
-        request_id = say.id or secrets.token_hex(8)
-        try:
             style = Style(volume=say.volume) if say.volume is not None else Style()
-            device = await self._open((_HERMES, say.site_id), request_id, None, style, None, _ReplyTo(), say)
-            await device.contexts.push(request_id, say.text)
-            await device.contexts.end(request_id)
-        except VoxflowError as exc:
-            await self._hermes_error(f"{exc.code}: {exc}", say.site_id, say.session_id, say.text)
+            route = self._open((_HERMES, say.site_id), say.id or secrets.token_hex(8), None, style, None, _ReplyTo(), say)
+            self._queue(route, say.text)
+            self._queue(route, _Mark.END)
+        except Exception as exc:  # one bad message must not stop the bridge
+            code, message = _failure(exc, f"message on {hermes.SAY_TOPIC}")
+            if isinstance(exc, hermes.HermesError):
+                where = (exc.site_id, exc.session_id, None)
+            else:
+                where = (say.site_id, say.session_id, say.text) if say else (hermes.DEFAULT_SITE, None, None)
+            self._spawn(self._hermes_error(code, message, *where))
 
-    # -- replies ------------------------------------------------------------------------------
+    def _spawn(self, reply: Coroutine[Any, Any, None]) -> None:
+        """Publish a reply without the reading loop waiting for it."""
+        if len(self._replies) >= _MAX_PENDING_REPLIES:
+            reply.close()
+            if not self._replies_dropping:
+                _LOGGER.warning("MQTT replies are not published as fast as they are made; dropping error replies")
+            self._replies_dropping = True
+            return
+        self._replies_dropping = False
+        task = asyncio.get_running_loop().create_task(reply)
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
 
-    async def _deliver(self, key: tuple[str, str], event: StreamEvent) -> None:
-        device = self._devices[key]
-        route = device.routes.get(event.context_id)
+    # -- one request's own tasks --------------------------------------------------------------
+
+    async def _feed(self, route: _Route) -> None:
+        """Hand the request's text to its stream, in order; waiting for room there (the stream
+        speaks slower than text arrives) holds up this request alone."""
+        try:
+            if route.hermes is None:
+                try:
+                    await self._event(route, Started(route.request_id, route.stream.voice.info.name, route.sample_rate))
+                finally:
+                    route.started.set()
+            while True:
+                item = await route.inbox.get()
+                try:
+                    if item is _Mark.END:
+                        await route.stream.end()
+                        return
+                    if item is _Mark.FLUSH:
+                        await route.stream.flush()
+                    else:
+                        route.waiting_chars -= len(item)
+                        await route.stream.push(item)
+                except StreamClosed:
+                    return  # stopped or failed meanwhile: its pump reports how it ended
+                except VoxflowError as exc:  # this text refused (the stream's limits); the request goes on
+                    await self._error(route.device, exc.code, str(exc), route.request_id, route.reply)
+        except Exception as exc:
+            code, message = _failure(exc, f"request {route.request_id!r} of {route.device!r}")
+            self._stop(route, "error", code, message)
+
+    async def _deliver(self, key: _Key, event: StreamEvent) -> None:
+        """The context's pump hands each event here; it bounds the time this takes (send_timeout)."""
+        device = self._devices.get(key)
+        route = device.routes.get(event.context_id) if device is not None else None
         if route is None:
             return
+        if isinstance(event, StreamEnd):
+            try:
+                await route.started.wait()
+                end = route.stopped or event
+                if route.hermes is not None:
+                    await self._finish_hermes(route, end)
+                else:
+                    await self._finish(route, end)
+            except Unavailable:
+                pass  # nobody is left to tell
+            finally:  # also when the pump gives up on this delivery
+                self._end(route)
+            return
+        if route.stopped is not None:
+            return
         await route.started.wait()
-        if isinstance(event, AudioFrame):
-            if route.cancelled:
-                return
-            if route.hermes is not None:
-                route.pcm += event.pcm
-                return
-            for message in route.batcher.add(event.pcm, event.sample_rate):
-                await self._audio(route, message)
-        elif isinstance(event, WordTimestamp):
-            if route.hermes is None and not route.cancelled:
+        try:
+            if isinstance(event, AudioFrame):
+                if route.hermes is not None:
+                    route.pcm += event.pcm
+                    return
+                for message in route.batcher.add(event.pcm, event.sample_rate):
+                    await self._audio(route, message)
+            elif isinstance(event, WordTimestamp) and route.hermes is None:
                 await self._event(route, Word(route.request_id, event.word, round(event.start, 3), round(event.end, 3)))
-        elif isinstance(event, StreamEnd):
-            device.routes.pop(event.context_id, None)
-            asyncio.get_running_loop().call_soon(self._forget_if_idle, key)
-            if route.hermes is not None:
-                await self._finish_hermes(route, event)
-            else:
-                await self._finish(route, event)
+        except Unavailable as exc:
+            # Nothing more of this request can reach its client: stop synthesizing it.
+            self._stop(route, "error", exc.code, str(exc))
+
+    def _closed(self, key: _Key, request_id: str) -> None:
+        # A drain or a shutdown may cancel a pump before it delivers the end.
+        device = self._devices.get(key)
+        if device is not None and (route := device.routes.get(request_id)) is not None:
+            self._end(route)
+
+    def _end(self, route: _Route) -> None:
+        """The request is over, however it ended: give its place back and forget it (and its
+        device, once the device has no request left)."""
+        device = self._devices.get(route.key)
+        if device is not None and device.routes.get(route.request_id) is route:
+            del device.routes[route.request_id]
+            if not device.routes:
+                del self._devices[route.key]
+                self.state.context_sets.discard(device.contexts)
+        route.ticket.release()
+        if route.feeder is not None:
+            route.feeder.cancel()
 
     async def _finish(self, route: _Route, end: StreamEnd) -> None:
         await self._audio(route, route.batcher.finish(route.sample_rate, keep_audio=end.reason == "done"))
@@ -362,15 +519,11 @@ class MqttBridge:
             wav = hermes.wav_bytes(bytes(route.pcm), route.sample_rate)
             await self._publish(hermes.play_bytes_topic(say.site_id, route.request_id), wav, _CONTROL_QOS, _ReplyTo(), AUDIO_CONTENT_TYPE)
         else:
-            await self._hermes_error(f"{end.code or end.reason}: {end.message}", say.site_id, say.session_id, say.text)
+            await self._hermes_error(end.code or end.reason, end.message, say.site_id, say.session_id, say.text)
         # Sent after an error too: a dialogue manager waits for it before going on.
         await self._publish(hermes.SAY_FINISHED_TOPIC, hermes.say_finished(say), _CONTROL_QOS, _ReplyTo(), JSON_CONTENT_TYPE)
 
-    def _forget_if_idle(self, key: tuple[str, str]) -> None:
-        device = self._devices.get(key)
-        if device is not None and not len(device.contexts) and not device.routes:
-            del self._devices[key]
-            self.state.connections.discard(device.contexts)
+    # -- publishing ---------------------------------------------------------------------------
 
     async def _audio(self, route: _Route, message: bytes) -> None:
         topic = self.topics.audio(route.device, route.request_id)
@@ -387,9 +540,9 @@ class MqttBridge:
         except Unavailable:
             _LOGGER.warning("MQTT error for %s/%s could not be sent: %s", device, request_id, message)
 
-    async def _hermes_error(self, message: str, site_id: str, session_id: str | None, context: str | None = None) -> None:
+    async def _hermes_error(self, code: str, message: str, site_id: str, session_id: str | None, context: str | None = None) -> None:
         with contextlib.suppress(Unavailable):
-            await self._publish(hermes.ERROR_TOPIC, hermes.error_payload(message, site_id, session_id, context),
+            await self._publish(hermes.ERROR_TOPIC, hermes.error_payload(f"{code}: {message}", site_id, session_id, context),
                                 _CONTROL_QOS, _ReplyTo(), JSON_CONTENT_TYPE)
 
     async def _publish(self, topic: str, payload: bytes, qos: int, reply: _ReplyTo, content_type: str) -> None:

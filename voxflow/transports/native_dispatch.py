@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from ..agent.events import AgentEvent
 from ..errors import VoxflowError
 from ..streaming.events import StreamEnd
-from .contexts import ContextRequest, ContextSet
+from .core.admission import Identity
+from .core.contexts import ContextRequest, ContextSet, Disconnected
 from .conversations import ConversationAudio, LiveConversation, open_conversation
-from .native_protocol import (
+from .protocols.native_protocol import (
     AGENT_FRAME_MS,
     AgentMessage,
     Cancel,
@@ -52,12 +53,6 @@ _LOGGER = logging.getLogger(__name__)
 
 Reply = Callable[[ServerMessage], Awaitable[None]]
 AudioFor = Callable[[Listen], ConversationAudio]
-
-
-class Disconnected(VoxflowError):
-    """The carrier can no longer take messages. A VoxflowError, so a pump ends quietly on it."""
-
-    code = "disconnected"
 
 
 class NativeDispatch:
@@ -98,7 +93,7 @@ class NativeDispatch:
             ),
         )
 
-    async def receive(self, data: str | bytes, identity: str) -> None:
+    async def receive(self, data: str | bytes, identity: Identity) -> None:
         """One client frame; whatever is wrong with it is answered with `error`, not raised."""
         limit = self.state.settings.server.max_message_chars
         if isinstance(data, str) and len(data) > limit:
@@ -121,7 +116,7 @@ class NativeDispatch:
             _LOGGER.exception("native protocol: %s failed", msg.type)
             await self.error(getattr(msg, "context", None), VoxflowError("internal error", code="internal_error"))
 
-    async def handle(self, msg: ClientMessage, identity: str) -> None:
+    async def handle(self, msg: ClientMessage, identity: Identity) -> None:
         match msg:
             case Start():
                 await self._open(msg, identity)
@@ -166,12 +161,11 @@ class NativeDispatch:
             self._conversation = None
         return self._conversation
 
-    async def _listen(self, msg: Listen, identity: str) -> None:
+    async def _listen(self, msg: Listen, identity: Identity) -> None:
         if self.conversation is not None:
             raise VoxflowError("a conversation is already open on this connection; send stop_listening first", code="already_listening")
-        self.state.limiter.check(identity)
         conversation = open_conversation(
-            self.state, self.conversation_audio(msg), voice=msg.voice, style=msg.style, send=self._send_event
+            self.state, identity, self.conversation_audio(msg), voice=msg.voice, style=msg.style, send=self._send_event
         )
         self._conversation = conversation
         try:
@@ -191,10 +185,8 @@ class NativeDispatch:
         if conversation is not None:
             await conversation.aclose()
 
-    async def _open(self, msg: Start, identity: str) -> None:
-        if self.state.draining:
-            raise VoxflowError("the server is shutting down; no new contexts", code="draining")
-        self.state.limiter.check(identity)
+    async def _open(self, msg: Start, identity: Identity) -> None:
+        self.state.admission.check_new_work(identity)
         sample_rate = self.sample_rate or msg.sample_rate
         frame_ms = self.frame_ms or msg.frame_ms
         stream = self.contexts.open(ContextRequest(

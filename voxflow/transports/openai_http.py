@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, AsyncGenerator
 
@@ -9,13 +10,15 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from ..errors import LimitExceeded, VoxflowError
+from ..errors import VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd
 from ..streaming.stream import StreamOptions, SynthesisStream
-from .auth import check_key, presented_key
-from .openai_protocol import (
+from .core.admission import Ticket
+from .core.auth import presented_key
+from .core.http import read_body
+from .protocols.openai_protocol import (
     SAMPLE_RATE,
     SpeechBody,
     SpeechRequest,
@@ -43,23 +46,9 @@ def _error(state: ServerState, exc: VoxflowError) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _admit(state: ServerState, request: Request) -> None:
-    if state.draining:
-        raise VoxflowError("the server is shutting down", code="draining")
-    keys = state.settings.server.api_keys
-    key = presented_key(request.headers)
-    check_key(keys, key)
-    # Per key where keys are required (check_key has vouched for it), else per client address.
-    state.limiter.check(key if keys and key else request.client.host if request.client else "unknown")
-
-
-async def _read_body(request: Request) -> bytes:
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise LimitExceeded(f"request body exceeds {MAX_BODY_BYTES} bytes")
-    return bytes(body)
+def _admit(state: ServerState, request: Request) -> Ticket:
+    identity = state.admission.identify(presented_key(request.headers), request.client.host if request.client else None)
+    return state.admission.admit(identity, "http_stream")
 
 
 class _SpeechResponse(StreamingResponse):
@@ -70,9 +59,10 @@ class _SpeechResponse(StreamingResponse):
     `finally` until garbage collection.
     """
 
-    def __init__(self, state: ServerState, stream: SynthesisStream, request: SpeechRequest) -> None:
+    def __init__(self, state: ServerState, stream: SynthesisStream, request: SpeechRequest, ticket: Ticket) -> None:
         self._state = state
         self._stream = stream
+        self._ticket = ticket
         self._request = request
         self._reason = "cancelled"
         self._first_sent: float | None = None
@@ -85,14 +75,26 @@ class _SpeechResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self._state.metrics
         metrics.active_streams.inc()
+        timeout = self._state.settings.server.send_timeout_seconds
+
+        async def send_within(message: Message) -> None:
+            # A client that stops reading fills the socket's buffers and holds this send; past
+            # send_timeout it is dropped, like a stalled context on a WebSocket.
+            with anyio.fail_after(timeout):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_within)
         except ClientDisconnect:
             pass  # a client hanging up is how OpenAI clients cancel; the stream is closed below
+        except TimeoutError:
+            self._reason = "error"
+            metrics.errors.labels("slow_consumer").inc()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._chunks.aclose()
                 await self._stream.aclose()
+            self._ticket.release()
             metrics.active_streams.dec()
             metrics.stream_ended(self._stream.metrics, self._reason, self._first_sent)
 
@@ -125,20 +127,35 @@ def install(app: FastAPI, state: ServerState) -> None:
     )
     async def speech(request: Request) -> Response:
         try:
-            _admit(state, request)
+            ticket = _admit(state, request)
+        except VoxflowError as exc:
+            return _error(state, exc)
+        try:
+            try:
+                async with asyncio.timeout(state.settings.server.send_timeout_seconds):
+                    body = await read_body(request, MAX_BODY_BYTES)
+            except TimeoutError:
+                raise VoxflowError("the request body did not arrive in time", code="request_timeout") from None
             spoken = speech_request(
-                parse_body(await _read_body(request)),
+                parse_body(body),
                 [info.name for info in state.engine.voices.infos()],
                 state.voice_for,
             )
+            options = StreamOptions(sample_rate=SAMPLE_RATE, max_text_chars=state.engine.config.max_text_chars)
+            stream = state.engine.open_stream(voice=spoken.voice, style=spoken.style, options=options)
         except VoxflowError as exc:
+            ticket.release()
             return _error(state, exc)
-        options = StreamOptions(sample_rate=SAMPLE_RATE, max_text_chars=state.engine.config.max_text_chars)
-        stream = state.engine.open_stream(voice=spoken.voice, style=spoken.style, options=options)
+        except BaseException:
+            ticket.release()
+            raise
         try:
             await stream.push(spoken.text)
             await stream.end()
-        except VoxflowError as exc:
+        except BaseException as exc:
             await stream.aclose()
-            return _error(state, exc)
-        return _SpeechResponse(state, stream, spoken)
+            ticket.release()
+            if isinstance(exc, VoxflowError):
+                return _error(state, exc)
+            raise
+        return _SpeechResponse(state, stream, spoken, ticket)

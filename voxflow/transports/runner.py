@@ -40,6 +40,17 @@ class _GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _ClientMistakesInBrief(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 text frame (answered with close 1007) as an error
+    with a traceback, so any client could fill the log with them: one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Invalid UTF-8 sequence received from client"):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def serve(settings: Settings, on_ready: str | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(
@@ -51,6 +62,13 @@ def serve(settings: Settings, on_ready: str | None = None) -> None:
         lifespan="on",
         log_level="info",
         timeout_graceful_shutdown=max(1, int(settings.server.grace_seconds)),
+        # Bounds before any voxflow code runs: frame size, and connections of every kind (past
+        # it uvicorn answers 503), so a flood of idle connections cannot take every descriptor.
+        ws_max_size=settings.server.max_message_bytes,
+        # PCM barely compresses (about a fifth) and deflating every frame costs CPU per stream.
+        ws_per_message_deflate=False,
+        limit_concurrency=settings.server.max_connections,
     )
     server = _GracefulServer(config, app.state.voxflow)
+    logging.getLogger("uvicorn.error").addFilter(_ClientMistakesInBrief())
     uvloop.run(server.serve())

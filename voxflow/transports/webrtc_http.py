@@ -7,6 +7,7 @@ the speech; see webrtc/session.py for what differs from the WebSocket.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
@@ -16,8 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Gauge
 
 from ..errors import VoxflowError
-from .auth import check_key, presented_key
-from .http_errors import error_body
+from .core.admission import Identity, Ticket
+from .core.auth import presented_key
+from .core.http import read_body
+from .protocols.json_text import InvalidJson, loads_object
 from .webrtc.signaling import InvalidSdp, check_offer, enable_loopback_candidates
 from .webrtc.session import WebRTCSession
 
@@ -29,42 +32,40 @@ class UnknownSession(VoxflowError):
     code = "unknown_session"
 
 
-class SessionLimit(VoxflowError):
-    code = "limit_exceeded"
-
-
-# Statuses the app's table does not give: a full server is a 503 (try later), not a 413.
-_STATUS = {UnknownSession: 404, SessionLimit: 503}
+# Ample for an offer with every codec and candidate a browser lists.
+MAX_OFFER_BYTES = 64 * 1024
 
 
 class SessionRegistry:
-    """The app's WebRTC sessions by id, at most max_sessions of them."""
+    """The app's WebRTC sessions by id; each holds a place in the admission's webrtc pool."""
 
-    def __init__(self, max_sessions: int, gauge: Gauge) -> None:
-        self.max_sessions = max_sessions
+    def __init__(self, gauge: Gauge) -> None:
         self._gauge = gauge
         self._sessions: dict[str, WebRTCSession] = {}
+        self._tickets: dict[str, Ticket] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def get(self, session_id: str) -> WebRTCSession:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise UnknownSession(f"no WebRTC session {session_id!r}") from None
+    def get(self, session_id: str, identity: Identity) -> WebRTCSession:
+        """The session, if this client opened it: another client's is as unknown as none."""
+        session = self._sessions.get(session_id)
+        if session is None or session.identity.name != identity.name:
+            raise UnknownSession(f"no WebRTC session {session_id!r}")
+        return session
 
-    def create(self, state: ServerState, identity: str) -> WebRTCSession:
-        # No await between the count and the add, so concurrent offers cannot overshoot.
-        if len(self._sessions) >= self.max_sessions:
-            raise SessionLimit(f"at most {self.max_sessions} WebRTC sessions; try again later")
+    def create(self, state: ServerState, identity: Identity) -> WebRTCSession:
+        ticket = state.admission.admit(identity, "webrtc")
         session = WebRTCSession(secrets.token_urlsafe(16), state, identity, self._remove)
         self._sessions[session.id] = session
+        self._tickets[session.id] = ticket
         self._gauge.set(len(self._sessions))
         return session
 
     def _remove(self, session: WebRTCSession) -> None:
         self._sessions.pop(session.id, None)
+        if (ticket := self._tickets.pop(session.id, None)) is not None:
+            ticket.release()
         self._gauge.set(len(self._sessions))
 
     async def close_all(self) -> None:
@@ -77,7 +78,7 @@ def install(app: FastAPI, state: ServerState) -> None:
     if config.webrtc_loopback:
         enable_loopback_candidates()
     gauge = Gauge("voxflow_webrtc_sessions", "Open WebRTC sessions", registry=state.metrics.registry)
-    registry = SessionRegistry(config.max_webrtc_sessions, gauge)
+    registry = SessionRegistry(gauge)
     app.state.webrtc_sessions = registry
 
     # Sessions hold peer connections and tasks of their own: they end before the app's own
@@ -94,31 +95,23 @@ def install(app: FastAPI, state: ServerState) -> None:
 
     app.router.lifespan_context = lifespan
 
-    def refuse(exc: VoxflowError) -> JSONResponse:
-        state.metrics.errors.labels(exc.code).inc()
-        return JSONResponse(error_body(exc.code, str(exc)), status_code=_STATUS[type(exc)])
-
-    def identity_of(request: Request) -> str:
-        key = presented_key(request.headers)
-        check_key(config.api_keys, key)
-        # As on the WebSocket: without keys, a client-chosen key must not escape the address's rate limit.
-        return key if config.api_keys else (request.client.host if request.client else "unknown")
+    def identity_of(request: Request) -> Identity:
+        return state.admission.identify(presented_key(request.headers), request.client.host if request.client else None)
 
     @app.post("/v1/webrtc/offer", summary="Start a WebRTC session: an SDP offer in, the answer out")
     async def offer(request: Request) -> Response:
         identity = identity_of(request)
-        state.limiter.check(identity)
-        if state.draining:
-            raise VoxflowError("the server is shutting down", code="draining")
         try:
-            body = await request.json()
-        except ValueError:
+            async with asyncio.timeout(config.send_timeout_seconds):
+                raw = await read_body(request, MAX_OFFER_BYTES)
+        except TimeoutError:
+            raise VoxflowError("the request body did not arrive in time", code="request_timeout") from None
+        try:
+            body = loads_object(raw)
+        except InvalidJson:
             raise InvalidSdp('expected a JSON body {"sdp": "<offer SDP>", "type": "offer"}') from None
         sdp = check_offer(body)
-        try:
-            session = registry.create(state, identity)
-        except SessionLimit as exc:
-            return refuse(exc)
+        session = registry.create(state, identity)
         try:
             answer = await session.answer(sdp)
         except BaseException:
@@ -128,10 +121,6 @@ def install(app: FastAPI, state: ServerState) -> None:
 
     @app.delete("/v1/webrtc/sessions/{session_id}", status_code=204, summary="End a WebRTC session")
     async def delete(session_id: str, request: Request) -> Response:
-        identity_of(request)
-        try:
-            session = registry.get(session_id)
-        except UnknownSession as exc:
-            return refuse(exc)
+        session = registry.get(session_id, identity_of(request))
         await session.close()
         return Response(status_code=204)

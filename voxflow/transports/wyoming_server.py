@@ -1,14 +1,20 @@
-"""The Wyoming server beside the HTTP app: the `wyoming` package's server and framing, one
-handler per connection moving events between `wyoming_protocol` and engine streams."""
+"""The Wyoming server beside the HTTP app: the `wyoming` package's server and event types, one
+handler per connection moving events between `wyoming_protocol` and a ContextSet.
+
+Wyoming has no authentication, so a connection is admitted by its peer address alone, in the
+`wyoming` pool; the listener must be reachable by trusted hosts only.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
-import time
+import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -16,12 +22,13 @@ from fastapi import FastAPI
 from wyoming.event import Event
 from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer, AsyncUnixServer
 
-from ..errors import StreamClosed, VoxflowError
-from ..streaming.events import AudioFrame, StreamEnd
-from ..streaming.stream import SynthesisStream
-from .wyoming_protocol import (
-    EndStream, OpenStream, PushText, Reply, Session, Speak, VoiceChoice,
-    audio_chunk, audio_start, audio_stop, error_event, synthesize_stopped, voxflow_error_event,
+from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
+from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
+from .core.contexts import ContextRequest, Disconnected
+from .protocols.wyoming_protocol import (
+    EndStream, FramingLost, OpenStream, PushText, Reply, Session, Speak, VoiceChoice,
+    audio_chunk, audio_start, audio_stop, error_event, parse_event, parse_header, synthesize_stopped,
+    voxflow_error_event,
 )
 
 if TYPE_CHECKING:
@@ -29,40 +36,141 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 _ids = itertools.count()
+# The kernel's send buffer per connection, about 1.5 s of 22 kHz audio. Left to autotuning it
+# grows to megabytes, which a client that stopped reading fills with minutes of audio before
+# any write waits, so its synthesis would run on to the end instead of being dropped within
+# send_timeout_seconds.
+_SEND_BUFFER_BYTES = 64 * 1024
+
+
+async def _read_line(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
+    """One line of at most `max_bytes` (before its newline), whatever the reader's own limit."""
+    line = bytearray()
+    while True:
+        try:
+            line += await reader.readuntil(b"\n")
+            complete = True
+        except asyncio.LimitOverrunError as exc:
+            # The reader holds at most about twice its limit; take that much and look further.
+            line += await reader.readexactly(exc.consumed)
+            complete = False
+        except asyncio.IncompleteReadError:
+            return None  # the connection ended (a partial line is no event)
+        if len(line) - (1 if complete else 0) > max_bytes:  # the newline does not count
+            raise LimitExceeded(f"an event header is over the {max_bytes}-byte limit")
+        if complete:
+            return bytes(line)
+
+
+async def read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | None:
+    """The next event, or None once the connection has ended.
+
+    Written here because the `wyoming` package's reader trusts the header: it waits for as many
+    bytes as `data_length` declares (one header declaring 10^9 grows the server by whatever the
+    client sends), crashes on a length that is not a number, and ends the connection silently
+    on a header it cannot parse. Raises FramingLost or LimitExceeded (the connection cannot go
+    on; the declared bytes are not read) and InvalidRequest (this event only).
+    """
+    line = await _read_line(reader, max_bytes)
+    if line is None:
+        return None
+    header = parse_header(line, max_bytes)
+    try:
+        data = await reader.readexactly(header.data_length) if header.data_length else b""
+        payload = await reader.readexactly(header.payload_length) if header.payload_length else None
+    except asyncio.IncompleteReadError:
+        return None
+    return parse_event(header, data, payload)
+
+
+@dataclass
+class _Request:
+    """One request's audio on the wire: a whole text, or a stream closed by synthesize-stopped."""
+
+    context_id: str
+    streaming: bool
+    started: bool = False  # audio-start sent
+    end: float = 0.0  # stream seconds where the audio sent so far ends
+    ended: bool = False  # the engine stream's end has arrived
+    stop_received: bool = False  # (a stream) synthesize-stop has arrived
+    closing: bool = False  # its last event is being sent
+    # Everything of it is sent, or the connection is gone: the next request may start.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class WyomingHandler(AsyncEventHandler):
-    """One client connection. Its audio is written by a task of its own, so the connection
-    keeps reading while it speaks: text chunks arrive during synthesis, and a client that goes
-    away is noticed (and its synthesis cancelled) at once."""
+    """One client connection. Audio goes out through the connection's ContextSet, whose pump
+    writes it while the connection keeps reading: text chunks arrive during synthesis, and a
+    client that goes away is noticed (and its synthesis cancelled) at once. Requests on one
+    connection are served one after the other."""
 
     def __init__(
-        self, state: ServerState, live: set[asyncio.Task[None]], version: str,
+        self, state: ServerState, handlers: set[asyncio.Task[None]], version: str,
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     ) -> None:
         super().__init__(reader, writer)
         self.state = state
-        self._live = live
+        self._handlers = handlers
         self._session = Session(state.engine.voices.infos(), state.settings.engine.voice, version)
-        self._stream: SynthesisStream | None = None
-        self._stopped: asyncio.Event | None = None  # set on synthesize-stop; None outside a stream
-        self._pump: asyncio.Task[None] | None = None
+        self._config = state.settings.server
+        # A drain gives the contexts the grace period, then closes the connection.
+        self.contexts = state.connection_contexts(self._deliver, after_drain=self.stop)
+        self._identity = state.admission.anonymous(self._peer_address())
+        self._request: _Request | None = None
+        self._open = True  # false once the connection is closing: nothing more is written
+
+    def _peer_address(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        # A Unix socket's peers are processes on this machine, as loopback ones are.
+        return peer[0] if isinstance(peer, tuple) else "localhost"
 
     async def run(self) -> None:
-        limit = self.state.settings.server.max_sockets
-        if len(self._live) >= limit:
-            self.state.metrics.errors.labels("limit_exceeded").inc()
-            with contextlib.suppress(ConnectionError):
-                await self.write_event(error_event("limit_exceeded", f"at most {limit} connections; try again later"))
-            self.writer.close()
-            return
         task = asyncio.current_task()
         assert task is not None
-        self._live.add(task)
+        self._handlers.add(task)
         try:
-            await super().run()
+            await self._run_admitted()
         finally:
-            self._live.discard(task)
+            self._handlers.discard(task)
+
+    async def _run_admitted(self) -> None:
+        try:
+            ticket = self.state.admission.admit(self._identity, "wyoming")
+        except VoxflowError as exc:  # draining, rate_limited, limit_exceeded
+            with contextlib.suppress(Disconnected):
+                await self._send_error(exc)
+            await self._close()
+            return
+        with ticket:
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+            self.state.context_sets.add(self.contexts)
+            try:
+                await self._serve_events()
+            except Disconnected:
+                pass
+            finally:
+                self.state.context_sets.discard(self.contexts)
+                self._end()
+                await self.contexts.close()
+                await self._close()
+
+    async def _serve_events(self) -> None:
+        while self._open:
+            try:
+                event = await read_event(self.reader, self._config.max_message_bytes)
+            except (FramingLost, LimitExceeded) as exc:
+                await self._send_error(exc)
+                return
+            except InvalidRequest as exc:
+                await self._send_error(exc)  # the framing held: the next event can be read
+                continue
+            except ConnectionError:
+                return
+            if event is None:
+                return
+            await self.handle_event(event)
 
     async def handle_event(self, event: Event) -> bool:
         try:
@@ -75,86 +183,150 @@ class WyomingHandler(AsyncEventHandler):
             elif isinstance(action, OpenStream):
                 await self._start(action.choice, None)
             elif isinstance(action, PushText):
-                if self._stream is not None and self._stopped is not None and not self._stream.done:
-                    await self._stream.push(action.text)
+                request = self._request
+                if request is not None and request.streaming and not request.ended:
+                    # A stream that failed meanwhile has sent its error already.
+                    with contextlib.suppress(StreamClosed):
+                        await self.contexts.push(request.context_id, action.text)
             elif isinstance(action, EndStream):
                 await self._end_stream()
+        except Disconnected:
+            raise
         except VoxflowError as exc:
-            self.state.metrics.errors.labels(exc.code).inc()
-            for reply in (voxflow_error_event(exc), *self._session.after_error(event)):
+            await self._send_error(exc)
+            for reply in self._session.after_error(event):
                 await self.write_event(reply)
         return True
 
-    async def disconnect(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
+    async def write_event(self, event: Event) -> None:
+        """Every write, bounded: a client that reads nothing for send_timeout is dropped."""
+        if not self._open:
+            raise Disconnected("the connection is closed")
+        try:
+            async with asyncio.timeout(self._config.send_timeout_seconds):
+                await super().write_event(event)
+        except (TimeoutError, OSError) as exc:
+            self._end(abort=True)
+            raise Disconnected("the client stopped reading or went away") from exc
+
+    async def stop(self) -> None:
+        """Ends the connection once the event in hand is answered (the server stops, or a drain
+        is over): a request refused as `draining` still gets its error and audio-stop."""
+        request = self._request
+        if request is not None and request.context_id not in self.contexts:
+            request.done.set()  # a drain past its grace cancelled it before its last events
+        self.reader.feed_eof()
+
+    def _end(self, *, abort: bool = False) -> None:
+        """No more writes, so nothing waits for the current request. `abort` drops the
+        connection with what it has not sent, and the synthesis feeding it."""
+        self._open = False
+        request = self._request
+        if request is not None:
+            request.done.set()
+            if abort and request.context_id in self.contexts:
+                self.contexts.cancel(request.context_id)
+        if abort:
+            self.writer.transport.abort()
+
+    async def _close(self) -> None:
+        """Closes once what is written has gone out, within send_timeout: a client that reads
+        nothing would hold the socket open for ever."""
+        self.writer.close()
+        try:
+            async with asyncio.timeout(self._config.send_timeout_seconds):
+                await self.writer.wait_closed()
+        except (TimeoutError, OSError):
+            self.writer.transport.abort()
+
+    async def _send_error(self, exc: VoxflowError) -> None:
+        self.state.metrics.errors.labels(exc.code).inc()
+        await self.write_event(voxflow_error_event(exc))
 
     async def _start(self, choice: VoiceChoice, text: str | None) -> None:
         """Open a stream for a whole text, or (text None) for a text stream."""
-        if self._pump is not None:
+        previous = self._request
+        if previous is not None:
             # Each request's audio follows the previous one's, never interleaved with it.
-            await asyncio.gather(self._pump, return_exceptions=True)
-        self._stream, self._stopped, self._pump = None, None, None
-        if self.state.draining:
-            raise VoxflowError("the server is shutting down", code="draining")
+            await previous.done.wait()
+        if not self._open:
+            raise Disconnected("the connection is closed")
+        self._request = None
+        self.state.admission.check_new_work(self._identity)  # draining, rate_limited
         engine = self.state.engine
         if engine.voices.loaded(choice.voice) is None:
             # Loading takes seconds; it must not stall every other connection on this loop.
             await asyncio.get_running_loop().run_in_executor(None, engine.voice, choice.voice)
-        stream = engine.open_stream(voice=choice.voice, speaker=choice.speaker, context_id=f"wyoming-{next(_ids)}")
-        if text is not None:
-            try:
-                await stream.push(text)
-                await stream.end()
-            except VoxflowError:
-                await stream.aclose()
-                raise
-        stopped = None if text is not None else asyncio.Event()
-        self._stream, self._stopped = stream, stopped
-        self._pump = asyncio.get_running_loop().create_task(
-            self._speak(stream, stopped), name=f"voxflow-wyoming-{stream.context_id}"
-        )
+        request = _Request(f"wyoming-{next(_ids)}", streaming=text is None)
+        self.contexts.open(ContextRequest(request.context_id, voice=choice.voice, speaker=choice.speaker))
+        self._request = request  # before the pump's first event
+        if text is None:
+            return
+        try:
+            await self.contexts.push(request.context_id, text)
+            await self.contexts.end(request.context_id)
+        except VoxflowError:
+            # Its error event and audio-stop come from handle_event; the stream sends nothing.
+            self._request = None
+            self.contexts.cancel(request.context_id)
+            raise
 
     async def _end_stream(self) -> None:
-        if self._stream is None or self._stopped is None:
+        request = self._request
+        if request is None or not request.streaming:
             # The stream never opened (its error was sent then); the client still waits for this.
             await self.write_event(synthesize_stopped())
             return
-        with contextlib.suppress(StreamClosed):
-            await self._stream.end()
-        self._stopped.set()
+        request.stop_received = True
+        if not request.ended:
+            with contextlib.suppress(StreamClosed):
+                await self.contexts.end(request.context_id)
+        await self._finish(request)
 
-    async def _speak(self, stream: SynthesisStream, stopped: asyncio.Event | None) -> None:
-        metrics = self.state.metrics
-        metrics.active_streams.inc()
-        reason, first_sent, started, end = "cancelled", None, False, 0.0
-        try:
-            async for item in stream:
-                if isinstance(item, AudioFrame):
-                    if not started:
-                        await self.write_event(audio_start(item))
-                        started = True
-                    await self.write_event(audio_chunk(item))
-                    first_sent = first_sent or time.perf_counter()
-                    metrics.frames_sent.inc()
-                    end = item.pts + item.duration
-                elif isinstance(item, StreamEnd):
-                    reason = item.reason
-                    if item.reason == "error":
-                        metrics.errors.labels(item.code).inc()
-                        await self.write_event(error_event(item.code, item.message))
-            if started or stopped is None:
-                await self.write_event(audio_stop(end))
-            if stopped is not None:
-                await stopped.wait()
-                await self.write_event(synthesize_stopped())
-        except ConnectionError:
-            pass  # the reading side sees the same disconnect and ends the connection
-        finally:
-            await stream.aclose()
-            metrics.active_streams.dec()
-            metrics.stream_ended(stream.metrics, reason, first_sent)
+    async def _deliver(self, event: StreamEvent) -> None:
+        """ContextSet's callback, bounded by send_timeout there."""
+        request = self._request
+        if request is None or event.context_id != request.context_id:
+            return  # a request refused while its text was pushed
+        if isinstance(event, AudioFrame):
+            if not request.started:
+                await self.write_event(audio_start(event))
+                request.started = True
+            await self.write_event(audio_chunk(event))
+            request.end = event.pts + event.duration
+        elif isinstance(event, StreamEnd):
+            if event.code == "slow_consumer":
+                # The client reads nothing, so nothing more can reach it: the connection goes.
+                self._end(abort=True)
+                return
+            request.ended = True
+            if event.reason == "error":
+                await self.write_event(error_event(event.code, event.message))
+            if request.started or not request.streaming:
+                await self.write_event(audio_stop(request.end))
+            await self._finish(request)
+
+    async def _finish(self, request: _Request) -> None:
+        """The request's last event, once its audio has ended and (a stream) its stop arrived;
+        called by both, so it goes out once, after whichever comes last."""
+        if not request.ended or (request.streaming and not request.stop_received) or request.closing:
+            return
+        request.closing = True
+        if request.streaming:
+            await self.write_event(synthesize_stopped())
+        request.done.set()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _warn_if_exposed(server: AsyncServer, url: str) -> None:
+    if isinstance(server, AsyncTcpServer) and not _is_loopback(server.host):
+        _LOGGER.warning("Wyoming has no authentication: every host that can reach %s can use this server", url)
 
 
 @contextlib.asynccontextmanager
@@ -162,16 +334,20 @@ async def _serve(url: str, version: str, state: ServerState) -> AsyncIterator[No
     server = AsyncServer.from_uri(url)
     if not isinstance(server, (AsyncTcpServer, AsyncUnixServer)):
         raise ValueError(f"Wyoming URL must be tcp://HOST:PORT or unix://PATH, got {url!r}")
-    live: set[asyncio.Task[None]] = set()  # connection handlers being served
-    await server.start(partial(WyomingHandler, state, live, version))
+    _warn_if_exposed(server, url)
+    handlers: set[asyncio.Task[None]] = set()  # connections being served, to end at shutdown
+    await server.start(partial(WyomingHandler, state, handlers, version))
     _LOGGER.info("Wyoming server listening on %s", url)
     try:
         yield
     finally:
-        # Closes every connection; each handler then cancels its synthesis as on a disconnect.
+        # Ends every connection; each handler then cancels its synthesis as on a disconnect.
         await server.stop()
-        if live:
-            await asyncio.wait(set(live), timeout=state.settings.server.grace_seconds)
+        if handlers:
+            await asyncio.wait(set(handlers), timeout=state.settings.server.grace_seconds)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 def install(app: FastAPI, state: ServerState) -> None:

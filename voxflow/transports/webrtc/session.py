@@ -33,8 +33,10 @@ from aiortc.mediastreams import MediaStreamTrack
 from ...errors import LimitExceeded, VoxflowError
 from ...streaming.events import AudioFrame, StreamEnd, StreamEvent
 from ..conversations import ConversationAudio
-from ..native_dispatch import Disconnected, NativeDispatch
-from ..native_protocol import Cancel, ClientMessage, Error, Listen, ServerMessage, Word, serialize_server
+from ..core.admission import Identity
+from ..core.contexts import Disconnected
+from ..native_dispatch import NativeDispatch
+from ..protocols.native_protocol import Cancel, ClientMessage, Error, Listen, ServerMessage, Word, serialize_server
 from .signaling import InvalidSdp, ice_configuration
 from .tracks import (
     FRAME_MS,
@@ -85,7 +87,7 @@ class _Dispatch(NativeDispatch):
         )
         self._playout = session.playout
 
-    async def handle(self, msg: ClientMessage, identity: str) -> None:
+    async def handle(self, msg: ClientMessage, identity: Identity) -> None:
         if isinstance(msg, Cancel):
             # No await from here to the context's cancel, so no frame of it slips in between.
             dropped = self._playout.discard(msg.context)
@@ -97,7 +99,7 @@ class _Dispatch(NativeDispatch):
 
 
 class WebRTCSession:
-    def __init__(self, session_id: str, state: ServerState, identity: str, on_closed: Callable[[WebRTCSession], None]) -> None:
+    def __init__(self, session_id: str, state: ServerState, identity: Identity, on_closed: Callable[[WebRTCSession], None]) -> None:
         config = state.settings.server
         self.id = session_id
         self.state = state
@@ -131,7 +133,7 @@ class WebRTCSession:
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         if self._closing is not None:  # the server shut down while the answer was gathered
             raise VoxflowError("the server is shutting down", code="draining")
-        self.state.connections.add(self.contexts)
+        self.state.context_sets.add(self.contexts)
         self._spawn(self._watch_idle(), "idle")
         return self.pc.localDescription.sdp
 
@@ -243,6 +245,14 @@ class WebRTCSession:
         task = asyncio.get_running_loop().create_task(coro, name=f"voxflow-webrtc-{name}-{self.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._end_on_failure)
+
+    def _end_on_failure(self, task: asyncio.Task[None]) -> None:
+        # A session task that broke (a bug, not a closed peer) would leave the session half
+        # alive: an unread track queues frames without bound in aiortc. It ends the session.
+        if not task.cancelled() and task.exception() is not None:
+            _LOGGER.error("WebRTC session %s: %s failed", self.id, task.get_name(), exc_info=task.exception())
+            self.begin_close()
 
     def begin_close(self) -> asyncio.Task[None]:
         """Starts closing the session (once), from any callback; returns the closing task."""
@@ -256,7 +266,7 @@ class WebRTCSession:
 
     async def _close(self) -> None:
         try:
-            self.state.connections.discard(self.contexts)
+            self.state.context_sets.discard(self.contexts)
             self.microphone.close()
             await self.dispatch.end_conversation()
             await self.contexts.close()  # cancels synthesis

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..agent.events import AgentError, AgentEvent, Interrupted, TurnMetrics
-from ..streaming.stream import StreamMetrics
+from ...agent.events import AgentError, AgentEvent, Interrupted, TurnMetrics
+from ...streaming.stream import StreamMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 # A conversation's turn takes longer: voice-to-voice includes the silence that ends the turn.
 _TURN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def _event_loop_tasks() -> float:
+    # Read at scrape time, on the server's loop (the /metrics endpoint runs there).
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # rendered with no loop running: nothing to count
+        return float("nan")
 
 
 class ServerMetrics:
@@ -21,6 +31,11 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # Resident memory, open descriptors and live tasks: what a leak shows in first.
+        ProcessCollector(registry=r)
+        Gauge("voxflow_event_loop_tasks", "Tasks alive on the event loop serving /metrics", registry=r).set_function(
+            _event_loop_tasks
+        )
         self.chunking = Histogram(
             "voxflow_chunking_seconds", "First text received to first speakable chunk", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -15,16 +15,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..errors import InvalidRequest, LimitExceeded, VoxflowError
-from ..streaming.engine import Engine
-from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
-from ..streaming.stream import StreamOptions, SynthesisStream
-from ..voices.styles import Style
+from ...errors import InvalidRequest, LimitExceeded, VoxflowError
+from ...streaming.engine import Engine
+from ...streaming.events import AudioFrame, StreamEnd, StreamEvent
+from ...streaming.stream import StreamOptions, SynthesisStream
+from ...voices.styles import Style
 from .metrics import ServerMetrics
 
 _LOGGER = logging.getLogger(__name__)
 
 Deliver = Callable[[StreamEvent], Awaitable[None]]
+
+
+class Disconnected(VoxflowError):
+    """A carrier can no longer take messages (the client is gone or stopped reading). A
+    VoxflowError, so a context's pump ends quietly on it."""
+
+    code = "disconnected"
 
 
 class UnknownContext(InvalidRequest):
@@ -59,10 +66,14 @@ class ContextSet:
         send_timeout: float,
         metrics: ServerMetrics | None = None,
         after_drain: Callable[[], Awaitable[None]] | None = None,
+        on_closed: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
         self._deliver = deliver
         self._after_drain = after_drain  # how the connection closes once a server drain is over
+        # Told each context id once its context is gone, however it ended (its end delivered
+        # or not), so a carrier can give back what it holds for it.
+        self._on_closed = on_closed
         self.max_contexts = max_contexts
         self.send_timeout = send_timeout
         self.metrics = metrics
@@ -163,8 +174,15 @@ class ContextSet:
                     reason, code = event.reason, event.code
         except VoxflowError as exc:  # deliver refused the event (the connection is closing)
             reason, code = "error", exc.code
+        except Exception:  # a carrier's bug must end this context visibly, not silently
+            _LOGGER.exception("delivering context %s failed", stream.context_id)
+            reason, code = "error", "internal_error"
+            await self._best_effort(StreamEnd(stream.context_id, "error", code, "internal error while sending"))
         finally:
+            stream.cancel()  # no-op once it is done; else it must not run on unread
             self._contexts.pop(stream.context_id, None)
+            if self._on_closed is not None:
+                self._on_closed(stream.context_id)
             if self.metrics:
                 self.metrics.active_streams.dec()
                 self.metrics.stream_ended(stream.metrics, reason, context.first_sent if context else None)

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Collection
 from urllib.parse import unquote, urlsplit
 
-from ..errors import VoxflowError
-from ..voices.styles import Style, resolve_style
+from ...errors import VoxflowError
+from ...voices.styles import Style, resolve_style
+from .json_text import InvalidJson, loads_object
 from .native_protocol import SAMPLE_RATES
 
 DEFAULT_PREFIX = "voxflow"
@@ -72,6 +73,22 @@ class Topics:
             return tuple(f"{self.prefix}/+/{kind}" for kind in REQUEST_KINDS)
         shared = tuple(f"$share/{share_group}/{self.prefix}/+/{kind}" for kind in (SAY, START))
         return shared + tuple(f"{self.prefix}/+/{kind}" for kind in (TEXT, END, CANCEL))
+
+    def check_response_topic(self, topic: str) -> None:
+        """An MQTT 5 response topic the bridge may publish a request's replies to.
+
+        The bridge publishes there with its own credentials, so a requester may only name a
+        topic under the prefix, and not one the bridge itself reads (a request topic) or owns
+        (the status). Raises MqttProtocolError (invalid_request) otherwise.
+        """
+        under = topic.startswith(self.prefix + "/")
+        try:
+            for level in topic.split("/"):
+                _check_level("each response topic level", level)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        if not under or topic == self.status or self.parse(topic) is not None:
+            raise _invalid(f"response topic {topic!r:.120} must be under {self.prefix}/ and not a request or status topic")
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """(device, request kind) of a request topic; None for any other topic."""
@@ -159,12 +176,9 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise MqttProtocolError("limit_exceeded", f"payload of {len(payload)} bytes; at most {max_bytes}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise MqttProtocolError("invalid_json", "the payload is not UTF-8 JSON") from None
-    if not isinstance(obj, dict):
-        raise MqttProtocolError("invalid_json", "the payload is not a JSON object")
-    return obj
+        return loads_object(payload)
+    except InvalidJson as exc:
+        raise MqttProtocolError("invalid_json", f"the payload is not a UTF-8 JSON object: {exc}") from None
 
 
 def _request_id(obj: dict[str, Any], new_id: Callable[[], str] | None) -> str:

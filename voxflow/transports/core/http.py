@@ -1,4 +1,5 @@
-"""One JSON error shape for every HTTP endpoint: {"error": {"code", "message"}} with a fitting status."""
+"""What every HTTP endpoint shares: one JSON error shape, {"error": {"code", "message"}} with a
+fitting status, and request bodies read with a bound on their size."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import VoxflowError
+from ...errors import LimitExceeded, VoxflowError
 
 STATUS_BY_CODE = {
     "invalid_request": 400,
     "unauthorized": 401,
+    "forbidden_origin": 403,
     "unknown_voice": 404,
+    "unknown_session": 404,
+    "request_timeout": 408,
     "limit_exceeded": 413,
     "rate_limited": 429,
     "draining": 503,
@@ -23,8 +27,22 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+def error_status(exc: VoxflowError) -> int:
+    return getattr(exc, "http_status", None) or STATUS_BY_CODE.get(exc.code, 400)
+
+
 def error_response(exc: VoxflowError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, str(exc)), status_code=STATUS_BY_CODE.get(exc.code, 400))
+    return JSONResponse(error_body(exc.code, str(exc)), status_code=error_status(exc))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused (limit_exceeded) as soon as it passes max_bytes, never buffered whole first."""
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise LimitExceeded(f"request body exceeds {max_bytes} bytes")
+    return bytes(body)
 
 
 def install_error_handlers(app: FastAPI) -> None:

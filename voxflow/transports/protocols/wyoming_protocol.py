@@ -18,12 +18,21 @@ Mapping rules (see docs/wyoming.md):
 - Each 20 ms engine frame goes out as its own `audio-chunk` the moment it exists: the engine
   hands frames over a decoded block at a time, so grouping would only hold back the tail of
   a block, while the framing costs ~100 bytes per 882 bytes of audio.
+
+Reading events (`parse_header`, `parse_event`): an event is a JSON header line, then
+`data_length` bytes of JSON data and `payload_length` bytes of payload. Each part is bounded
+by the server's `max_message_bytes`. Input that leaves the framing intact (bad data JSON, a
+lone surrogate, a missing type) is an `invalid_request` for that event alone; a header that
+is not JSON or lengths that are not byte counts raise `FramingLost`, since where the next event
+starts is then unknown, and lengths over the bound raise `LimitExceeded` before their bytes
+are read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -32,9 +41,10 @@ from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice, TtsV
 from wyoming.ping import Ping, Pong
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped, SynthesizeVoice
 
-from ..errors import InvalidRequest, UnknownVoice, VoxflowError
-from ..streaming.events import AudioFrame
-from ..voices.voice import VoiceInfo
+from ...errors import InvalidRequest, LimitExceeded, UnknownVoice, VoxflowError
+from ...streaming.events import AudioFrame
+from ...voices.voice import VoiceInfo
+from .json_text import InvalidJson, check_text, loads_object
 
 WIDTH = 2  # bytes per sample: the engine's PCM16
 CHANNELS = 1
@@ -80,6 +90,58 @@ class EndStream:
 
 
 Action = Reply | Speak | OpenStream | PushText | EndStream
+
+
+class FramingLost(InvalidRequest):
+    """Where the next event starts is unknown, so the connection cannot go on."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """An event's first line: the bytes of data and payload that follow it, and its fields."""
+
+    fields: dict[str, Any]
+    data_length: int
+    payload_length: int
+
+
+def _length(fields: dict[str, Any], name: str, max_bytes: int) -> int:
+    value = fields.get(name)
+    if value is None:
+        return 0
+    # bool is an int to Python, never a byte count on the wire.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FramingLost(f"{name} must be a byte count, got {value!r:.40}")
+    if value > max_bytes:
+        raise LimitExceeded(f"{name} {value} is over the {max_bytes}-byte limit")
+    return value
+
+
+def parse_header(line: bytes, max_bytes: int) -> Header:
+    """The header line of an event (its length already bounded by the reader)."""
+    try:
+        # The text is checked in parse_event: a lone surrogate spoils the event, not the framing.
+        fields = loads_object(line, strict_text=False)
+    except InvalidJson as exc:
+        raise FramingLost(f"event header is not a JSON object: {exc}") from None
+    return Header(fields, _length(fields, "data_length", max_bytes), _length(fields, "payload_length", max_bytes))
+
+
+def parse_event(header: Header, data: bytes, payload: bytes | None) -> Event:
+    """The event of a header and the data and payload read after it; InvalidRequest for bad content."""
+    try:
+        check_text(header.fields)
+        merged = header.fields.get("data") or {}
+        if not isinstance(merged, dict):
+            raise InvalidJson("the header's data must be a JSON object")
+        if data:
+            merged = {**merged, **loads_object(data)}
+    except InvalidJson as exc:
+        raise InvalidRequest(f"malformed event: {exc}") from None
+    kind = header.fields.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidRequest("an event needs a type (a non-empty string)")
+    return Event(type=kind, data=merged, payload=payload or None)
 
 
 def _language_part(language: str) -> str:

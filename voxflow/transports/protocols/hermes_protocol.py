@@ -9,7 +9,7 @@ import wave
 from dataclasses import dataclass
 from typing import Any
 
-from ..voices.styles import VOLUME_RANGE
+from ...voices.styles import VOLUME_RANGE
 from .mqtt_protocol import MqttProtocolError, decode_json_object
 
 SAY_TOPIC = "hermes/tts/say"
@@ -41,9 +41,11 @@ class HermesError(MqttProtocolError):
         self.session_id = session_id
 
 
-def _optional_str(obj: dict[str, Any], key: str) -> str | None:
+def _optional_str(obj: dict[str, Any], key: str, site: str, session: str | None = None) -> str | None:
     value = obj.get(key)
-    return value if isinstance(value, str) else None
+    if value is not None and not isinstance(value, str):
+        raise HermesError("invalid_request", f"{key} must be a string, got {value!r:.80}", site, session)
+    return value
 
 
 def _is_level(value: object) -> bool:
@@ -55,12 +57,13 @@ def parse_say(payload: bytes, max_text_chars: int) -> HermesSay:
         obj = decode_json_object(payload, 6 * max_text_chars + 4096)
     except MqttProtocolError as exc:
         raise HermesError(exc.code, str(exc)) from None
-    session = _optional_str(obj, "sessionId")
-    site = obj.get("siteId")
-    site = DEFAULT_SITE if site is None else site
-    if not _is_level(site):
-        # It names a topic level; the error goes to the default site instead.
-        raise HermesError("invalid_request", f"siteId must be a topic level, got {site!r:.80}", DEFAULT_SITE, session)
+    raw_site = obj.get("siteId")
+    raw_site = DEFAULT_SITE if raw_site is None else raw_site
+    # The site names a topic level; an error about it goes to the default site instead.
+    site = raw_site if _is_level(raw_site) else DEFAULT_SITE
+    session = _optional_str(obj, "sessionId", site)
+    if site != raw_site:
+        raise HermesError("invalid_request", f"siteId must be a topic level, got {raw_site!r:.80}", site, session)
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         raise HermesError("invalid_request", "text must be a non-empty string", site, session)
@@ -73,7 +76,7 @@ def parse_say(payload: bytes, max_text_chars: int) -> HermesSay:
     if volume is not None and (isinstance(volume, bool) or not isinstance(volume, (int, float))
                                or not VOLUME_RANGE[0] <= volume <= VOLUME_RANGE[1]):
         raise HermesError("invalid_request", f"volume must be a number in {list(VOLUME_RANGE)}, got {volume!r:.80}", site, session)
-    return HermesSay(text, site, request_id, _optional_str(obj, "lang"), session, volume)
+    return HermesSay(text, site, request_id, _optional_str(obj, "lang", site, session), session, volume)
 
 
 def say_finished(say: HermesSay) -> bytes:

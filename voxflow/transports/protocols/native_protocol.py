@@ -17,9 +17,10 @@ from dataclasses import MISSING, dataclass, fields, is_dataclass
 from functools import cache
 from typing import Any, ClassVar, Literal, Union
 
-from ..agent.events import EVENT_TYPES, AgentEvent, event_from_dict, event_to_dict
-from ..errors import VoxflowError
-from ..voices.styles import Style, resolve_style
+from ...agent.events import EVENT_TYPES, AgentEvent, event_from_dict, event_to_dict
+from ...errors import VoxflowError
+from ...voices.styles import Style, resolve_style
+from .json_text import InvalidJson, check_text, loads_object
 
 PROTOCOL = "voxflow.v1"
 # The spec's own lists; the engine's framer accepts the same (a test keeps them equal).
@@ -400,18 +401,16 @@ def _to_json(obj: Any) -> Any:
     return obj
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _parse(data: str, types_by_name: dict[str, type]) -> Any:
     try:
-        obj = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # ValueError also covers over-long integers
+        obj = loads_object(data, strict_text=False)
+    except InvalidJson as exc:
         raise ProtocolError("invalid_json", f"not valid JSON: {exc}"[:200]) from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("invalid_json", f"expected a JSON object, got {type(obj).__name__}")
     context = obj.get("context") if _valid_context(obj.get("context")) else None
+    try:
+        check_text(obj)
+    except InvalidJson as exc:
+        raise ProtocolError("invalid_request", str(exc), context) from None
     kind = obj.get("type")
     cls = types_by_name.get(kind) if isinstance(kind, str) else None
     if cls is None:

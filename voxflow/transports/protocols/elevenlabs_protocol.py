@@ -21,9 +21,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..errors import InvalidRequest
-from ..streaming.framing import OUTPUT_RATES
-from ..voices.styles import EXPRESSIVENESS_RANGE, SPEED_RANGE, Style
+from ...errors import InvalidRequest
+from ...streaming.framing import OUTPUT_RATES
+from ...voices.styles import EXPRESSIVENESS_RANGE, SPEED_RANGE, Style
+from .json_text import InvalidJson, loads_object
 
 # ElevenLabs puts the WebSocket close code it uses (1008, policy violation) in `code`.
 POLICY_VIOLATION = 1008
@@ -203,11 +204,9 @@ def parse_message(raw: str | bytes) -> ClientMessage:
         except UnicodeDecodeError:
             raise ElevenLabsError("message is not valid UTF-8 JSON") from None
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        raise ElevenLabsError("could not parse the message: it must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ElevenLabsError("could not parse the message: it must be a JSON object")
+        body = loads_object(raw)
+    except InvalidJson as exc:
+        raise ElevenLabsError(f"could not parse the message: it must be a JSON object ({exc})") from None
     context_id = _optional(body, "context_id", str, "a string")
     if context_id is None:
         context_id = _optional(body, "contextId", str, "a string")

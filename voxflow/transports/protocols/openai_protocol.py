@@ -25,9 +25,9 @@ import av
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import InvalidRequest, VoxflowError
-from ..voices.styles import PRESETS, SPEED_RANGE, Style
-from .http_errors import STATUS_BY_CODE, error_body
+from ...errors import InvalidRequest, VoxflowError
+from ...voices.styles import PRESETS, SPEED_RANGE, Style
+from ..core.http import error_body, error_status
 
 SAMPLE_RATE = 24_000  # OpenAI's rate for every format; pcm clients assume it without a header
 MAX_INPUT_CHARS = 4096
@@ -319,7 +319,7 @@ def audio_done() -> bytes:
 
 def error_payload(exc: VoxflowError) -> tuple[int, dict]:
     """Status and body: voxflow's {"code", "message"} plus OpenAI's "type" and "param"."""
-    status = STATUS_BY_CODE.get(exc.code, 400)
+    status = error_status(exc)
     body = error_body(exc.code, str(exc))
     body["error"]["type"] = "server_error" if status >= 500 else "invalid_request_error"
     body["error"]["param"] = getattr(exc, "param", None)
