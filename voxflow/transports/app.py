@@ -92,6 +92,17 @@ class ServerState:
             send_timeout=config.send_timeout_seconds, metrics=self.metrics, after_drain=after_drain,
         )
 
+    @contextlib.asynccontextmanager
+    async def serving(self, contexts: ContextSet) -> AsyncIterator[ContextSet]:
+        """A connection's context set while the connection lasts: drains and /health see it,
+        and on the way out every context it still has is cancelled and awaited."""
+        self.context_sets.add(contexts)
+        try:
+            yield contexts
+        finally:
+            self.context_sets.discard(contexts)
+            await contexts.close()
+
     async def drain(self) -> None:
         """Stop taking new work and give open contexts the grace period to finish."""
         # Hooks first: requests a broker handed over before a worker left its group are still

@@ -276,14 +276,12 @@ class _Session:
         with ticket:
             self.sender = _Sender(self.socket, self.options, multi=self.multi)
             self.contexts = self.state.connection_contexts(self.deliver, after_drain=self._close_after_drain)
-            self.state.context_sets.add(self.contexts)
             try:
-                await self._receive_loop(first)
+                async with self.state.serving(self.contexts):
+                    await self._receive_loop(first)
             except Disconnected:
                 pass
             finally:
-                self.state.context_sets.discard(self.contexts)
-                await self.contexts.close()
                 await self.sender.aclose()
 
     async def _admit(self) -> tuple[Ticket, ClientMessage | None] | None:

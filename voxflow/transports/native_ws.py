@@ -64,18 +64,16 @@ class _Connection:
             self.state.metrics.errors.labels(exc.code).inc()
             await self.socket.refuse(serialize_server(Error(None, exc.code, str(exc))), exc)
             return
-        with ticket:
-            self.state.context_sets.add(self.contexts)
+        with ticket, contextlib.suppress(Disconnected):
             try:
-                await self._reply(self.dispatch.ready())
-                while (data := await self.socket.receive()) is not None:
-                    await self.dispatch.receive(data, identity)
-            except Disconnected:
-                pass
-            finally:
-                self.state.context_sets.discard(self.contexts)
-                await self.dispatch.end_conversation()
-                await self.contexts.close()
+                async with self.state.serving(self.contexts):
+                    try:
+                        await self._reply(self.dispatch.ready())
+                        while (data := await self.socket.receive()) is not None:
+                            await self.dispatch.receive(data, identity)
+                    finally:
+                        await self.dispatch.end_conversation()
+            finally:  # after the contexts: their ends may still have queued a notice
                 for task in self._notices:
                     task.cancel()
                 await asyncio.gather(*self._notices, return_exceptions=True)

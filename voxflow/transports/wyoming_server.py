@@ -145,15 +145,15 @@ class WyomingHandler(AsyncEventHandler):
             sock = self.writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
-            self.state.context_sets.add(self.contexts)
             try:
-                await self._serve_events()
+                async with self.state.serving(self.contexts):
+                    try:
+                        await self._serve_events()
+                    finally:
+                        self._end()
             except Disconnected:
                 pass
             finally:
-                self.state.context_sets.discard(self.contexts)
-                self._end()
-                await self.contexts.close()
                 await self._close()
 
     async def _serve_events(self) -> None:
