@@ -20,6 +20,11 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from wyoming.audio import AudioChunk, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.error import Error as WyomingError
+from wyoming.event import async_read_event
+from wyoming.tts import Synthesize
 
 from adversary import (
     ATTACKER_KEY,
@@ -45,6 +50,7 @@ from adversary import (
     until_final,
     wait_for_health,
 )
+from server_harness import free_port
 from voxflow.config import ServerConfig
 from voxflow.transports.protocols.native_protocol import (
     AudioPacket,
@@ -75,10 +81,14 @@ PARAGRAPH = (
 )
 
 
+WYOMING_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     with serve_process(
         tmp_path_factory.mktemp("serve"),
+        wyoming_url=f"tcp://127.0.0.1:{WYOMING_PORT}",
         api_keys=(GOOD_KEY, ATTACKER_KEY),
         send_timeout_seconds=2,
         auth_timeout_seconds=AUTH_TIMEOUT,
@@ -544,4 +554,32 @@ async def test_microphone_audio_faster_than_real_time_is_not_queued_without_boun
     # Either the audio past real time was refused, or the server kept pace with it; never a
     # minute of audio queued, to be worked through long after the client sent it.
     assert codes or behind < seconds / 2, f"no audio refused, and the server answered {behind:.1f} s after the flood"
+    await assert_recovered(server)
+
+
+async def test_a_wyoming_event_declaring_a_gigabyte_is_refused_before_it_is_read(server):
+    """It used to be believed: the server grew by 326 MB waiting for the declared bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", WYOMING_PORT)
+    try:
+        writer.write(json.dumps({"type": "synthesize", "version": "1.5.0", "data_length": 10**9}).encode() + b"\n")
+        writer.write(b"x" * 65536)  # the start of what it declared
+        await writer.drain()
+        event = await asyncio.wait_for(async_read_event(reader), timeout=30)
+        assert event is not None and WyomingError.is_type(event.type)
+        assert WyomingError.from_event(event).code == "limit_exceeded"
+        assert await asyncio.wait_for(reader.read(), timeout=30) == b""  # closed after the error
+    finally:
+        writer.close()
+    client = AsyncTcpClient("127.0.0.1", WYOMING_PORT)
+    await client.connect()
+    try:
+        await client.write_event(Synthesize(text="Still speaking.").event())
+        audio = 0
+        async with asyncio.timeout(60):
+            while not AudioStop.is_type((event := await client.read_event()).type):
+                if AudioChunk.is_type(event.type):
+                    audio += len(AudioChunk.from_event(event).audio)
+        assert audio > 22050  # over half a second of speech
+    finally:
+        await client.disconnect()
     await assert_recovered(server)
