@@ -139,9 +139,17 @@ function disconnect() {
   stopFeeder();
   endTalk();
   if (s) {
-    if (s.id) fetch(`${API}/v1/webrtc/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE", keepalive: true }).catch(() => {});
-    s.pc.close();
     if (s.audioCtx) s.audioCtx.close();
+    // The peer connection closes once the server has ended the session: closed first, its
+    // data channel's close could end the session before the DELETE arrives (then a 404).
+    const closePeer = () => s.pc.close();
+    if (s.id) {
+      fetch(`${API}/v1/webrtc/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE", keepalive: true })
+        .catch(() => {})
+        .finally(closePeer);
+    } else {
+      closePeer();
+    }
   }
   setState("disconnected");
 }
