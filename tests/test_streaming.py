@@ -55,7 +55,7 @@ def chunk_latents(voice, texts: list[str], seed: int = 0):
 
 def stitch(voice, latents, options: BlockOptions = BlockOptions()) -> tuple[np.ndarray, list[int]]:
     """Decode chunk latents the way a stream does; returns audio and the join sample positions."""
-    decoder = BlockDecoder(voice.model.dec, voice.hop_length, voice.model.cfg.generator.receptive_frames, options)
+    decoder = BlockDecoder(voice.model.dec, voice.hop_length, voice.decoder_receptive_frames, options)
     pieces, joins, total = [], [], 0
     for chunk in latents:
         joined = decoder.begin_chunk(chunk.z)

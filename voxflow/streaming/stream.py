@@ -203,7 +203,7 @@ class SynthesisStream:
         """Wait for room in the input queue; a stream ended meanwhile (cancelled, dropped as a
         slow consumer) wakes the wait and refuses the item, so no caller waits on it forever."""
         await self._input.put(item)
-        if self._finished and self._ended_early:
+        if self._ended_early:
             raise StreamClosed(f"context {self.context_id} was stopped")
 
     def cancel(self) -> None:
@@ -335,7 +335,7 @@ class SynthesisStream:
         voice = self.voice
         scales = self._style.scales(voice.info.defaults)
         self._acoustic = AcousticState(voice.model, scales, self._speaker_id, self._seed, self.options.acoustic)
-        self._decoder = BlockDecoder(self._decode, voice.hop_length, voice.model.cfg.generator.receptive_frames, self.options.blocks)
+        self._decoder = BlockDecoder(self._decode, voice.hop_length, voice.decoder_receptive_frames, self.options.blocks)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Speaker conditioning lives in the acoustic state, which computes it at its first step.

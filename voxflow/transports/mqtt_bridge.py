@@ -37,7 +37,7 @@ from ..errors import StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from ..streaming.stream import SynthesisStream
 from ..voices.styles import Style
-from .core.admission import Identity, Ticket
+from .core.admission import Ticket
 from .core.contexts import ContextRequest, ContextSet, UnknownContext
 from .protocols import hermes_protocol as hermes
 from .protocols.mqtt_protocol import (
@@ -343,7 +343,7 @@ class MqttBridge:
         reply: _ReplyTo, say: hermes.HermesSay | None = None,
     ) -> _Route:
         # Raises draining, rate_limited or limit_exceeded (per device, or the whole bridge).
-        ticket = self.state.admission.admit(Identity(name=f"mqtt:{key[1]}", peer=f"mqtt:{key[1]}", keyed=True), "mqtt")
+        ticket = self.state.admission.admit(self.state.admission.device(key[1]), "mqtt")
         device = self._devices.get(key) or _Device(ContextSet(
             self.state.engine, lambda event: self._deliver(key, event),
             # Admission caps the device first; this only sizes the set.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, AsyncGenerator
 
@@ -130,12 +129,9 @@ def install(app: FastAPI, state: ServerState) -> None:
             ticket = _admit(state, request)
         except VoxflowError as exc:
             return _error(state, exc)
+        stream: SynthesisStream | None = None
         try:
-            try:
-                async with asyncio.timeout(state.settings.server.send_timeout_seconds):
-                    body = await read_body(request, MAX_BODY_BYTES)
-            except TimeoutError:
-                raise VoxflowError("the request body did not arrive in time", code="request_timeout") from None
+            body = await read_body(request, MAX_BODY_BYTES, state.settings.server.send_timeout_seconds)
             spoken = speech_request(
                 parse_body(body),
                 [info.name for info in state.engine.voices.infos()],
@@ -143,17 +139,11 @@ def install(app: FastAPI, state: ServerState) -> None:
             )
             options = StreamOptions(sample_rate=SAMPLE_RATE, max_text_chars=state.engine.config.max_text_chars)
             stream = state.engine.open_stream(voice=spoken.voice, style=spoken.style, options=options)
-        except VoxflowError as exc:
-            ticket.release()
-            return _error(state, exc)
-        except BaseException:
-            ticket.release()
-            raise
-        try:
             await stream.push(spoken.text)
             await stream.end()
-        except BaseException as exc:
-            await stream.aclose()
+        except BaseException as exc:  # the place, and the stream if one opened, are given back
+            if stream is not None:
+                await stream.aclose()
             ticket.release()
             if isinstance(exc, VoxflowError):
                 return _error(state, exc)

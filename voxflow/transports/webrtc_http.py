@@ -7,7 +7,6 @@ the speech; see webrtc/session.py for what differs from the WebSocket.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
@@ -101,11 +100,7 @@ def install(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/webrtc/offer", summary="Start a WebRTC session: an SDP offer in, the answer out")
     async def offer(request: Request) -> Response:
         identity = identity_of(request)
-        try:
-            async with asyncio.timeout(config.send_timeout_seconds):
-                raw = await read_body(request, MAX_OFFER_BYTES)
-        except TimeoutError:
-            raise VoxflowError("the request body did not arrive in time", code="request_timeout") from None
+        raw = await read_body(request, MAX_OFFER_BYTES, config.send_timeout_seconds)
         try:
             body = loads_object(raw)
         except InvalidJson:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import logging
 import socket
@@ -24,6 +23,7 @@ from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer, Async
 
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
+from .core.admission import is_loopback
 from .core.contexts import ContextRequest, Disconnected
 from .protocols.wyoming_protocol import (
     EndStream, FramingLost, OpenStream, PushText, Reply, Session, Speak, VoiceChoice,
@@ -317,15 +317,8 @@ class WyomingHandler(AsyncEventHandler):
         request.done.set()
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _warn_if_exposed(server: AsyncServer, url: str) -> None:
-    if isinstance(server, AsyncTcpServer) and not _is_loopback(server.host):
+    if isinstance(server, AsyncTcpServer) and not is_loopback(server.host):
         _LOGGER.warning("Wyoming has no authentication: every host that can reach %s can use this server", url)
 
 

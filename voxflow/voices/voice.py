@@ -85,6 +85,11 @@ class Voice:
         return cls(info, model, target, dtype)
 
     @property
+    def decoder_receptive_frames(self) -> int:
+        """Latent frames of context HiFi-GAN needs on each side (computed from the voice's shape)."""
+        return self.model.cfg.generator.receptive_frames
+
+    @property
     def hop_length(self) -> int:
         return self.model.cfg.hop_length
 

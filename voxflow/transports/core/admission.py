@@ -45,7 +45,7 @@ class Identity:
     @property
     def capped(self) -> bool:
         """Whether per-identity caps apply (see the module docstring)."""
-        return self.keyed or not _is_loopback(self.peer)
+        return self.keyed or not is_loopback(self.peer)
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,11 @@ class Admission:
             raise Unauthorized("missing or invalid API key (Authorization: Bearer KEY or xi-api-key)")
         return Identity(key, peer, keyed=True)
 
+    def device(self, name: str) -> Identity:
+        """A client its carrier names itself (an MQTT device or Hermes site, behind the broker's
+        own authentication): per-client caps bind it."""
+        return Identity(f"device:{name}", f"device:{name}", keyed=True)
+
     def anonymous(self, peer: str | None) -> Identity:
         """A client known only by its address (it has not sent its key yet)."""
         peer = peer or "unknown"
@@ -157,8 +162,9 @@ class Admission:
         return {pool: self._totals[pool] for pool in self.limits}
 
 
-def _is_loopback(peer: str) -> bool:
+def is_loopback(peer: str) -> bool:
+    """Whether an address (or host name) is this machine's own."""
     try:
         return ipaddress.ip_address(peer).is_loopback
     except ValueError:
-        return peer in ("localhost", "testclient")
+        return peer == "localhost"

@@ -3,6 +3,8 @@ fitting status, and request bodies read with a bound on their size."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,13 +37,19 @@ def error_response(exc: VoxflowError) -> JSONResponse:
     return JSONResponse(error_body(exc.code, str(exc)), status_code=error_status(exc))
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused (limit_exceeded) as soon as it passes max_bytes, never buffered whole first."""
+async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The body, refused (limit_exceeded) as soon as it passes max_bytes, never buffered whole
+    first, and refused (request_timeout) when it has not all arrived within `timeout` seconds:
+    a client that announces a body and sends it slowly must not hold its place for ever."""
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > max_bytes:
-            raise LimitExceeded(f"request body exceeds {max_bytes} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for part in request.stream():
+                body += part
+                if len(body) > max_bytes:
+                    raise LimitExceeded(f"request body exceeds {max_bytes} bytes")
+    except TimeoutError:
+        raise VoxflowError(f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
     return bytes(body)
 
 
