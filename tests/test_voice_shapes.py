@@ -268,9 +268,10 @@ async def test_streams_condition_every_stage_on_the_speaker(tmp_path: Path) -> N
     export_piper_onnx(random_model(case.cfg), tmp_path / "multi.onnx", speaker_id_map=case.speaker_id_map)
     engine = Engine(EngineConfig(voice_dirs=(tmp_path,)))
     try:
-        model = engine.voice("multi").model
         conditioning: list[torch.Tensor | None] = []
-        model.dec.register_forward_hook(lambda module, args, out: conditioning.append(args[1] if len(args) > 1 else None))
+        engine.voice("multi").decoder.generator.register_forward_hook(
+            lambda module, args, out: conditioning.append(args[1] if len(args) > 1 else None)
+        )
         outputs = {}
         for speaker in ("ann", "cy"):
             stream = engine.open_stream(voice="multi", speaker=speaker)

@@ -62,6 +62,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voice-dir", action="append", dest="voice_dirs", help="directory of extra Piper voices")
     g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--half", action="store_true", default=None, help="float16 weights (GPU only)")
+    g.add_argument("--decoder-precision", choices=("auto", "float32", "bfloat16"),
+                   help="HiFi-GAN precision (auto: bfloat16 on CPUs with bfloat16 instructions)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
 
@@ -69,7 +71,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_flags(args: argparse.Namespace) -> dict:
     """The engine settings given as flags (None where a flag was left out)."""
     return {"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
-            "threads": args.threads, "seed": args.seed}
+            "decoder_precision": args.decoder_precision, "threads": args.threads, "seed": args.seed}
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:

@@ -65,7 +65,7 @@ class Engine:
         self.config = config
         # Streams opened from then on use it; may be set later (the server attaches its own).
         self.cache = cache
-        self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half)
+        self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half, config.decoder_precision)
         workers, threads = config.layout(concurrent)
         self._executor = DeadlineExecutor(
             workers,
@@ -150,7 +150,7 @@ class Engine:
             z, durations = v.model.infer_latents(ids, scales, sid, noise)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
             decoder = BlockDecoder(
-                lambda latents: v.model.dec(latents, v.model.speaker(sid)), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS
+                lambda latents: v.decoder(latents, v.model.speaker(sid)), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS
             )
             joined = decoder.begin_chunk(z)
             pieces += [decoder.decode_block(joined, start, end) for start, end in decoder.plan(z.shape[2])]

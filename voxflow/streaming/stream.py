@@ -339,7 +339,7 @@ class SynthesisStream:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Speaker conditioning lives in the acoustic state, which computes it at its first step.
-        return self.voice.model.dec(latents, self._acoustic.g)
+        return self.voice.decoder(latents, self._acoustic.g)
 
     async def _run(self) -> None:
         try:

@@ -21,9 +21,10 @@ def _embedded_voice() -> VoiceInfo:
 class VoiceRegistry:
     """Knows every voice by name from its JSON alone; loads weights on first use, once."""
 
-    def __init__(self, voice_dirs: Iterable[Path] = (), device: str = "cpu", half: bool = False) -> None:
+    def __init__(self, voice_dirs: Iterable[Path] = (), device: str = "cpu", half: bool = False, decoder_precision: str = "auto") -> None:
         self.device = device
         self.half = half
+        self.decoder_precision = decoder_precision
         self._infos: dict[str, VoiceInfo] = {}
         embedded = _embedded_voice()
         self._infos[embedded.name] = embedded
@@ -51,5 +52,5 @@ class VoiceRegistry:
         info = self.info(name)
         with self._lock:
             if info.name not in self._loaded:
-                self._loaded[info.name] = Voice.load(info, self.device, self.half)
+                self._loaded[info.name] = Voice.load(info, self.device, self.half, self.decoder_precision)
             return self._loaded[info.name]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidRequest
+from .decoding import WindowDecoder, decoder_dtype
 from .phonemizer import EspeakPhonemizer
 from .piper_onnx import VoiceFileError, load_piper_onnx
 from .vits import Scales, VitsSynthesizer
@@ -63,18 +64,22 @@ class VoiceInfo:
 
 
 class Voice:
-    def __init__(self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype, decoder_precision: str = "auto"
+    ) -> None:
         self.info = info
         self.model = model
         self.device = device
         self.dtype = dtype
+        # Every decode of synthesis goes through this (windows padded to shared shapes).
+        self.decoder = WindowDecoder(model.dec, decoder_dtype(decoder_precision, device, dtype))
         # The engine bounds text per request (max_text_chars) and streams phonemize chunks of
         # at most a few hundred characters, so the phonemizer's own cap would only get in the
         # way of whole-text synthesis.
         self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map, max_chars=None)
 
     @classmethod
-    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False) -> "Voice":
+    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "auto") -> "Voice":
         target = torch.device(device)
         if target.type == "cuda" and not torch.cuda.is_available():
             raise InvalidRequest("device 'cuda' requested but torch sees no CUDA device")
@@ -82,7 +87,7 @@ class Voice:
         if half and target.type == "cpu":
             raise InvalidRequest("half precision needs a GPU device")
         model = load_piper_onnx(info.model_path).to(target, dtype)
-        return cls(info, model, target, dtype)
+        return cls(info, model, target, dtype, decoder_precision)
 
     @property
     def decoder_receptive_frames(self) -> int:

@@ -14,6 +14,16 @@ from .layers import same_padding
 LRELU_SLOPE = 0.1
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+def _valid(lengths: torch.Tensor, frames: int, rate: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, frames * rate]: 1 where a sample lies inside its item's first lengths * rate."""
+    positions = torch.arange(frames * rate, device=lengths.device)
+    return (positions[None, None, :] < (lengths * rate)[:, None, None]).to(dtype)
+
+
 class ResBlock1(nn.Module):
     """Pairs of (dilated conv, plain conv) with a residual around each pair."""
 
@@ -26,9 +36,9 @@ class ResBlock1(nn.Module):
             nn.Conv1d(channels, channels, kernel_size, padding=same_padding(kernel_size)) for _ in dilations
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for c1, c2 in zip(self.convs1, self.convs2):
-            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+            x = _masked(x + c2(_masked(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE), mask)), mask)
         return x
 
 
@@ -41,9 +51,9 @@ class ResBlock2(nn.Module):
             nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=same_padding(kernel_size, d)) for d in dilations
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         for conv in self.convs:
-            x = x + conv(F.leaky_relu(x, LRELU_SLOPE))
+            x = _masked(x + conv(F.leaky_relu(x, LRELU_SLOPE)), mask)
         return x
 
 
@@ -91,6 +101,7 @@ class GeneratorConfig:
 class Generator(nn.Module):
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.num_kernels = len(cfg.resblock_kernel_sizes)
         block = ResBlock1 if cfg.resblock == "1" else ResBlock2
         self.conv_pre = nn.Conv1d(cfg.in_channels, cfg.upsample_initial_channel, 7, padding=3)
@@ -105,16 +116,28 @@ class Generator(nn.Module):
         self.conv_post = nn.Conv1d(channels, 1, 7, padding=3, bias=False)
         self.cond = nn.Conv1d(cfg.gin_channels, cfg.upsample_initial_channel, 1) if cfg.gin_channels else None
 
-    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.conv_pre(z)
+    def forward(self, z: torch.Tensor, g: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [B, C, T] -> audio [B, 1, T * hop].
+
+        lengths [B] marks item b's frames past lengths[b] as padding: every layer's output is
+        zeroed there, so each convolution sees the zeros its own padding would have given and
+        the audio of the first lengths[b] * hop samples equals that of the unpadded latents.
+        This lets windows of many lengths share a few shapes (and one batch).
+        """
+        frames = z.shape[2]
+        mask = None if lengths is None else _valid(lengths, frames, 1, z.dtype)
+        x = _masked(self.conv_pre(_masked(z, mask)), mask)
         if self.cond is not None and g is not None:
-            x = x + self.cond(g)
+            x = _masked(x + self.cond(g), mask)
+        rate = 1
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            rate *= self.cfg.upsample_rates[i]
+            mask = None if lengths is None else _valid(lengths, frames, rate, z.dtype)
+            x = _masked(up(F.leaky_relu(x, LRELU_SLOPE)), mask)
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
-            acc = blocks[0](x)
+            acc = blocks[0](x, mask)
             for blk in blocks[1:]:
-                acc = acc + blk(x)
+                acc = acc + blk(x, mask)
             x = acc / self.num_kernels
         # The final activation uses torch's default slope, not LRELU_SLOPE, as trained.
         return torch.tanh(self.conv_post(F.leaky_relu(x)))

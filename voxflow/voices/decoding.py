@@ -1,0 +1,83 @@
+"""HiFi-GAN as the engine runs it: windows padded to a few shapes, in the device's fastest precision.
+
+Two measured facts on CPU shape this (docs/BENCHMARKS.md, "Throughput"):
+- oneDNN builds a convolution kernel for each input shape it meets and keeps a bounded cache
+  of them. Decoder windows come in every length, so most calls paid that build: the same
+  frames decoded in windows of varied lengths cost ~1.35x what they cost in one repeated
+  shape. Padding each window up to a multiple of BUCKET_FRAMES (with the padding masked, so
+  the audio is unchanged) leaves a few dozen shapes that stay built.
+- On CPUs with bfloat16 instructions (AVX512-BF16, AMX) a bfloat16 decoder runs ~1.7x faster
+  than float32 once its kernels are built, with a sample difference around 1e-3. `auto` picks
+  it there; the fidelity and throughput benchmarks check its WER and spectral distance.
+
+Padding to a shared length is also what lets windows of several streams run as one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ..errors import InvalidRequest
+from .vits.hifigan import Generator
+
+BUCKET_FRAMES = 16
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU executes bfloat16 math natively (not emulated, which is slower than float32)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
+    except OSError:  # not Linux: no cheap way to ask, so stay with float32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def decoder_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise InvalidRequest(f"decoder_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bfloat16":
+        if device.type != "cpu":
+            raise InvalidRequest("decoder_precision bfloat16 is for CPUs; GPUs use half")
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cpu" and model_dtype == torch.float32 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return model_dtype
+
+
+def bucket(frames: int) -> int:
+    return -(-frames // BUCKET_FRAMES) * BUCKET_FRAMES
+
+
+class WindowDecoder:
+    """Latent windows -> float32 audio, one window or several at once."""
+
+    def __init__(self, generator: Generator, dtype: torch.dtype) -> None:
+        # A copy in another precision: the model's own decoder stays as loaded (ONNX export,
+        # whole-graph parity with the voice file).
+        same = next(generator.parameters()).dtype == dtype
+        self.generator = generator if same else copy.deepcopy(generator).to(dtype)
+        self.dtype = dtype
+        self.hop = generator.cfg.hop_length
+
+    def __call__(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """z [1, C, T] -> audio [1, 1, T * hop], float32."""
+        return self.batch([z], g)[0]
+
+    @torch.inference_mode()
+    def batch(self, windows: list[torch.Tensor], g: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Decode [1, C, T_i] windows in one forward pass; g is [1, gin, 1] (one speaker) or [B, gin, 1]."""
+        lengths = [z.shape[2] for z in windows]
+        frames = bucket(max(lengths))
+        z = torch.cat([F.pad(w, (0, frames - w.shape[2])) for w in windows]).to(self.dtype)
+        padded = torch.tensor(lengths, device=z.device) if min(lengths) < frames else None
+        if g is not None:
+            g = g.to(self.dtype).expand(len(windows), -1, -1)
+        audio = self.generator(z, g, padded).float()
+        return [audio[i : i + 1, :, : n * self.hop] for i, n in enumerate(lengths)]
