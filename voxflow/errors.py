@@ -27,6 +27,12 @@ class UnknownVoice(VoxflowError):
     code = "unknown_voice"
 
 
+class VoiceFileError(VoxflowError, ValueError):
+    """The file is not a Piper VITS voice this loader understands."""
+
+    code = "voice_file_invalid"
+
+
 class LimitExceeded(VoxflowError):
     """A documented limit (text size, queue, contexts) was hit."""
 

@@ -19,14 +19,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..errors import VoxflowError
+from ..errors import VoiceFileError
 from .vits import GeneratorConfig, VitsConfig, VitsSynthesizer
 
-
-class VoiceFileError(VoxflowError, ValueError):
-    """The file is not a Piper VITS voice this loader understands."""
-
-    code = "voice_file_invalid"
+__all__ = ["VoiceFileError", "infer_config", "load_piper_onnx"]
 
 
 @dataclass

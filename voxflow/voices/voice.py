@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, VoiceFileError
 from .decoding import WindowDecoder, decoder_dtype
 from .phonemizer import EspeakPhonemizer
-from .piper_onnx import VoiceFileError, load_piper_onnx
+from .weights_cache import load_voice_model
 from .vits import Scales, VitsSynthesizer
 
 
@@ -86,7 +86,7 @@ class Voice:
         dtype = torch.float16 if half else torch.float32
         if half and target.type == "cpu":
             raise InvalidRequest("half precision needs a GPU device")
-        model = load_piper_onnx(info.model_path).to(target, dtype)
+        model = load_voice_model(info.model_path).to(target, dtype)
         return cls(info, model, target, dtype, decoder_precision)
 
     @property
