@@ -65,6 +65,7 @@ def test_windows_reach_the_model_in_bucket_shapes(fp32: WindowDecoder) -> None:
 def test_bfloat16_decoder_stays_close_to_float32(voice, fp32: WindowDecoder) -> None:
     bf16 = WindowDecoder(voice.model.dec, torch.bfloat16)
     assert next(voice.model.dec.parameters()).dtype == torch.float32  # the model's own decoder is untouched
+    assert bf16.generator.conv_post.weight.dtype == torch.float32  # the output layer stays wide
     z = latents(60, 7)
     a, b = fp32(z)[0, 0].numpy(), bf16(z)[0, 0].numpy()
     assert b.dtype == np.float32 and a.shape == b.shape

@@ -139,5 +139,7 @@ class Generator(nn.Module):
             for blk in blocks[1:]:
                 acc = acc + blk(x, mask)
             x = acc / self.num_kernels
-        # The final activation uses torch's default slope, not LRELU_SLOPE, as trained.
-        return torch.tanh(self.conv_post(F.leaky_relu(x)))
+        # The final activation uses torch's default slope, not LRELU_SLOPE, as trained. The
+        # output layer may run in a wider type than the rest (decoding.py says why).
+        x = F.leaky_relu(x).to(self.conv_post.weight.dtype)
+        return torch.tanh(self.conv_post(x))
