@@ -31,6 +31,15 @@ class BlockOptions:
     crossfade_samples: int = 256
 
 
+@dataclass(frozen=True)
+class Window:
+    """A block's latents with their context: `left` frames before the block's own `frames`."""
+
+    latents: torch.Tensor
+    left: int
+    frames: int
+
+
 def _fade_in(n: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n, dtype=np.float32) + 0.5) / n)).astype(np.float32)
 
@@ -83,18 +92,30 @@ class BlockDecoder:
             joined = torch.cat([joined, right[:, :, : self.context]], dim=2)
         return joined
 
-    @torch.inference_mode()
     def decode_block(self, joined: torch.Tensor, start: int, end: int) -> np.ndarray:
         """Audio for chunk frames [start, end) ready to emit; the last crossfade samples stay held."""
-        ctx, hop, xfade = self.context, self.hop, self.options.crossfade_samples
+        window = self.window(joined, start, end)
+        return self.stitch(window, self.render(window))
+
+    def window(self, joined: torch.Tensor, start: int, end: int) -> Window:
+        """The latents block [start, end) is decoded from, with its context (cheap: a view)."""
         if not 0 <= start < end <= self._span:
             raise ValueError(f"block [{start}, {end}) is outside the chunk's {self._span} frames")
         s, e = self._prefix + start, self._prefix + end
-        left = min(ctx, s)
-        right = min(ctx, joined.shape[2] - e)
-        audio = self.decode(joined[:, :, s - left : e + right])[0, 0].float().cpu().numpy()
-        body_start = left * hop
-        body = audio[body_start : body_start + (e - s) * hop]
+        left = min(self.context, s)
+        right = min(self.context, joined.shape[2] - e)
+        return Window(joined[:, :, s - left : e + right], left, end - start)
+
+    @torch.inference_mode()
+    def render(self, window: Window) -> np.ndarray:
+        """Run the decoder on a window. Touches no state: a chunk's windows may render at once."""
+        return self.decode(window.latents)[0, 0].float().cpu().numpy()
+
+    def stitch(self, window: Window, audio: np.ndarray) -> np.ndarray:
+        """Crop a rendered window to its block and join it to the audio before, in block order."""
+        hop, xfade = self.hop, self.options.crossfade_samples
+        body_start = window.left * hop
+        body = audio[body_start : body_start + window.frames * hop]
         self.blocks_done += 1
 
         overlap = min(len(self.held), body_start)

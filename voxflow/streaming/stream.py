@@ -24,9 +24,10 @@ import enum
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from typing import AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import torch
 
@@ -38,7 +39,7 @@ from .acoustic import AcousticOptions, AcousticState
 from .alignment import word_timestamps
 from .audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
 from .chunker import FLUSH, ChunkerOptions, Cut, Flush, TextChunk, chunk_stream, discard
-from .decoder_blocks import BlockDecoder, BlockOptions
+from .decoder_blocks import BlockDecoder, BlockOptions, Window
 from .lookahead import settle_point, unsettled_text, word_cuts
 from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
@@ -508,13 +509,33 @@ class SynthesisStream:
         for event in words:
             await self._output.put(event)
         self._timeline += sum(prepared.durations) * self._seconds_per_frame
-        for start, end in prepared.blocks:
-            audio, seconds = await self._compute(self._decoder.decode_block, prepared.joined, start, end)
-            if self.metrics.first_block_seconds is None:
-                self.metrics.first_block_seconds = seconds
-            if start == 0:
-                self._say_latency = time.perf_counter() - started
-            await self._emit_all(self._framer.push(audio))
+        windows = [self._decoder.window(prepared.joined, start, end) for start, end in prepared.blocks]
+        jobs: list[Future] = []
+        try:
+            for index, window in enumerate(windows):
+                if index == len(jobs):
+                    # Before the stream's first audio, when it will play is not known: the
+                    # first block goes alone, and the rest once it is out.
+                    jobs += self._queue_renders(windows[index:] if self.metrics.first_audio else windows[index : index + 1])
+                audio, seconds = await self._result(jobs[index])
+                if self.metrics.first_block_seconds is None:
+                    self.metrics.first_block_seconds = seconds
+                if index == 0:
+                    self._say_latency = time.perf_counter() - started
+                await self._emit_all(self._framer.push(self._decoder.stitch(window, audio)))
+        finally:
+            for job in jobs:
+                job.cancel()
+
+    def _queue_renders(self, windows: list[Window]) -> list[Future]:
+        """Queue blocks at once, each due when its audio will play: on idle compute threads they
+        render side by side (a lone stream uses every thread); under load their deadlines place
+        them among the other streams' jobs."""
+        due, jobs = self._deadline(), []
+        for window in windows:
+            jobs.append(self._executor.submit_by(due, _timed, self._decoder.render, window))
+            due += window.frames * self._seconds_per_frame
+        return jobs
 
     def _fail(self, code: str, message: str) -> None:
         self._finish(StreamEnd(self.context_id, "error", code, message))
@@ -532,7 +553,9 @@ class SynthesisStream:
 
     async def _compute(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run fn on the compute thread; returns its result and the seconds it took there."""
-        job = self._executor.submit_by(self._deadline(), _timed, fn, *args)
+        return await self._result(self._executor.submit_by(self._deadline(), _timed, fn, *args))
+
+    async def _result(self, job: Future) -> tuple[Any, float]:
         result, seconds = await asyncio.wrap_future(job)
         self.metrics.compute_seconds += seconds
         return result, seconds
