@@ -76,3 +76,22 @@ async def test_works_with_asyncio_and_initializer_runs_on_each_worker():
     assert await asyncio.wrap_future(executor.submit_by(time.perf_counter(), lambda: 7)) == 7
     executor.shutdown()
     assert len(seen) == 2
+
+
+def test_backlog_counts_running_and_queued_jobs():
+    executor, gate = blocked_executor()
+    try:
+        assert executor.backlog() == 1  # the blocked job, running
+        queued = [executor.submit(time.sleep, 0) for _ in range(3)]
+        assert executor.backlog() == 4
+        queued[0].cancel()  # a cancelled job still counts until a worker takes it off the queue
+        gate.set()
+        for future in queued[1:]:
+            future.result(timeout=10)
+        deadline = time.monotonic() + 10
+        while executor.backlog() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert executor.backlog() == 0
+    finally:
+        gate.set()
+        executor.shutdown()

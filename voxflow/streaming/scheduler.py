@@ -33,6 +33,8 @@ class DeadlineExecutor(Executor):
         self._order = itertools.count()  # equal deadlines keep submission order
         self._ready = threading.Condition()
         self._shutdown = False
+        self._running = 0
+        self.workers = workers
         self._threads = [
             threading.Thread(target=self._work, args=(initializer, initargs), name=f"{thread_name_prefix}-{i}", daemon=True)
             for i in range(workers)
@@ -54,6 +56,11 @@ class DeadlineExecutor(Executor):
             heapq.heappush(self._queue, (due, next(self._order), future, fn, args, kwargs))
             self._ready.notify()
         return future
+
+    def backlog(self) -> int:
+        """Jobs queued or running: a cheap reading of how busy the compute threads are."""
+        with self._ready:
+            return len(self._queue) + self._running
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._ready:
@@ -77,9 +84,12 @@ class DeadlineExecutor(Executor):
                 if not self._queue:
                     return  # shut down and drained
                 _, _, future, fn, args, kwargs = heapq.heappop(self._queue)
-            if not future.set_running_or_notify_cancel():
-                continue
+                self._running += 1
             try:
-                future.set_result(fn(*args, **kwargs))
+                if future.set_running_or_notify_cancel():
+                    future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # handed to whoever awaits the future
                 future.set_exception(exc)
+            finally:
+                with self._ready:
+                    self._running -= 1

@@ -68,6 +68,13 @@ class StreamOptions:
     max_held_chars: int = 400  # text waiting for its sentence to go on; past it, it is spoken
     # How much audio a say settles while its sentence goes on (the rest waits for context).
     settle_audio_s: float = 0.3
+    # An utterance that starts while the compute threads are busy (as many jobs waiting or
+    # running as there are threads) waits for this many words (or its sentence's end, or a
+    # stall in the text) before its first say, settles this much audio in it, and skips the
+    # small first block: a one-word first clause ("Sure,") or a 93 ms block would not cover
+    # the wait for the next job behind the other streams.
+    busy_start_words: int = 6
+    busy_start_settle_s: float = 1.0
     chunker: ChunkerOptions = field(default_factory=ChunkerOptions)
     acoustic: AcousticOptions = field(default_factory=AcousticOptions)
     blocks: BlockOptions = field(default_factory=BlockOptions)
@@ -168,6 +175,7 @@ class SynthesisStream:
         self._fresh = False  # text came since the last say
         self._last_cut = Cut.WORD
         self._spoke_in_utterance = False
+        self._busy_start = False  # this utterance started with the compute threads busy
         self._say_latency = 0.0  # seconds from the last say's start to its first audio
         self._text_chars = 0
         self._closed = False
@@ -419,6 +427,8 @@ class SynthesisStream:
         if self.metrics.first_chunk is None:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
+        if not self._spoke_in_utterance and not self._held_text:
+            self._busy_start = self._executor.backlog() >= self._executor.workers
         if chunk.text:
             self._held_text.append(chunk.text)
             self._fresh = True
@@ -431,8 +441,11 @@ class SynthesisStream:
             await self._say(_Say.PAUSE if chunk.cut == Cut.PAUSE else _Say.MORE)
 
     def _must_say_now(self) -> bool:
-        if not self._spoke_in_utterance or sum(map(len, self._held_text)) > self.options.max_held_chars:
+        if sum(map(len, self._held_text)) > self.options.max_held_chars:
             return True
+        if not self._spoke_in_utterance:
+            held_words = sum(len(piece.split()) for piece in self._held_text)
+            return not self._busy_start or self._last_cut == Cut.PAUSE or held_words >= self.options.busy_start_words
         if self._text_decides():
             return False
         return self._playback_end() - self._hold_margin() <= time.perf_counter()
@@ -489,7 +502,7 @@ class SynthesisStream:
                 settle_point,
                 word_cuts(phonemes.ids, phonemes.words, self._separator),
                 lookahead_ids=2 * acoustic.lookahead_phonemes,
-                enough_frames=self.options.settle_audio_s / self._seconds_per_frame,
+                enough_frames=self._settle_seconds() / self._seconds_per_frame,
                 most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
             )
         latents = self._acoustic.step(phonemes.ids, settle)
@@ -499,7 +512,11 @@ class SynthesisStream:
             return None, unsettled
         joined = self._decoder.begin_chunk(latents.z, latents.right)
         settled = tuple(w for w in phonemes.words if w.end <= n)
-        return _Prepared(settled, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2])), unsettled
+        return _Prepared(settled, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2], small_first=not self._busy_start)), unsettled
+
+    def _settle_seconds(self) -> float:
+        busy_first_say = self._busy_start and not self._spoke_in_utterance
+        return self.options.busy_start_settle_s if busy_first_say else self.options.settle_audio_s
 
     async def _decode_prepared(self, prepared: _Prepared, started: float) -> None:
         self._spoke_in_utterance = True

@@ -1,0 +1,53 @@
+"""An utterance that starts while the compute threads are busy buys more audio with its first say."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from voxflow.streaming.events import AudioFrame
+from voxflow.streaming.tokens import gpt_like_tokens
+
+REPLY = "Sure, I can help with that right away for you today."
+
+
+async def first_say(engine, busy: bool) -> tuple[str, bool]:
+    """The text of the stream's first say and whether its first block was the small one."""
+    release = threading.Event()
+    blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers if busy else 0)]
+    stream = engine.open_stream(cached=False)
+    says: list[tuple[str, bool]] = []
+    prepare = stream._prepare
+
+    def spy_prepare(text, how):
+        result = prepare(text, how)
+        if not says and result[0] is not None:
+            says.append((text, result[0].blocks[0][1] - result[0].blocks[0][0] == stream.options.blocks.first_block_frames))
+        return result
+
+    stream._prepare = spy_prepare
+    try:
+        for token in gpt_like_tokens(REPLY):
+            await stream.push(token)
+            await asyncio.sleep(0.02)  # words arrive one by one, as from an LLM
+        await stream.end()
+        release.set()
+        frames = [e async for e in stream if isinstance(e, AudioFrame)]
+    finally:
+        release.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+    assert frames
+    return says[0]
+
+
+async def test_an_idle_engine_starts_small_and_soon(engine):
+    text, small_first_block = await first_say(engine, busy=False)
+    assert small_first_block
+    assert len(text.split()) <= 4  # the first chunk's three words (and a lookahead)
+
+
+async def test_a_busy_engine_waits_for_more_words_and_a_larger_first_block(engine):
+    text, small_first_block = await first_say(engine, busy=True)
+    assert not small_first_block
+    assert len(text.split()) >= 6
