@@ -41,9 +41,8 @@ test: setup system-packages
 
 bench: setup
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) benchmarks/engine.py
-	$(PY) benchmarks/server.py
-	$(PY) benchmarks/fidelity.py
+	# Every benchmark runs with --check; the target fails at the end if any missed a target.
+	status=0; for b in engine server fidelity throughput; do $(PY) benchmarks/$$b.py --check || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis demo.wav

@@ -14,7 +14,7 @@ REPLY = "Sure, I can help with that right away for you today."
 async def first_say(engine, busy: bool) -> tuple[str, bool]:
     """The text of the stream's first say and whether its first block was the small one."""
     release = threading.Event()
-    blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers if busy else 0)]
+    blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers + 1 if busy else 0)]
     stream = engine.open_stream(cached=False)
     says: list[tuple[str, bool]] = []
     prepare = stream._prepare

@@ -84,7 +84,8 @@ def test_backlog_counts_running_and_queued_jobs():
         assert executor.backlog() == 1  # the blocked job, running
         queued = [executor.submit(time.sleep, 0) for _ in range(3)]
         assert executor.backlog() == 4
-        queued[0].cancel()  # a cancelled job still counts until a worker takes it off the queue
+        queued[0].cancel()  # a cancelled job is no work
+        assert executor.backlog() == 3
         gate.set()
         for future in queued[1:]:
             future.result(timeout=10)

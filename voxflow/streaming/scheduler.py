@@ -58,9 +58,9 @@ class DeadlineExecutor(Executor):
         return future
 
     def backlog(self) -> int:
-        """Jobs queued or running: a cheap reading of how busy the compute threads are."""
+        """Jobs queued (not cancelled) or running: how busy the compute threads are."""
         with self._ready:
-            return len(self._queue) + self._running
+            return sum(not entry[2].cancelled() for entry in self._queue) + self._running
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._ready:

@@ -68,8 +68,8 @@ class StreamOptions:
     max_held_chars: int = 400  # text waiting for its sentence to go on; past it, it is spoken
     # How much audio a say settles while its sentence goes on (the rest waits for context).
     settle_audio_s: float = 0.3
-    # An utterance that starts while the compute threads are busy (as many jobs waiting or
-    # running as there are threads) waits for this many words (or its sentence's end, or a
+    # An utterance that starts while the compute threads are busy (more jobs waiting or
+    # running than there are threads) waits for this many words (or its sentence's end, or a
     # stall in the text) before its first say, settles this much audio in it, and skips the
     # small first block: a one-word first clause ("Sure,") or a 93 ms block would not cover
     # the wait for the next job behind the other streams.
@@ -428,7 +428,7 @@ class SynthesisStream:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
         if not self._spoke_in_utterance and not self._held_text:
-            self._busy_start = self._executor.backlog() >= self._executor.workers
+            self._busy_start = self._executor.backlog() > self._executor.workers
         if chunk.text:
             self._held_text.append(chunk.text)
             self._fresh = True
@@ -512,7 +512,8 @@ class SynthesisStream:
             return None, unsettled
         joined = self._decoder.begin_chunk(latents.z, latents.right)
         settled = tuple(w for w in phonemes.words if w.end <= n)
-        return _Prepared(settled, latents.durations.tolist(), joined, self._decoder.plan(latents.z.shape[2], small_first=not self._busy_start)), unsettled
+        blocks = self._decoder.plan(latents.z.shape[2], small_first=not self._busy_start)
+        return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
 
     def _settle_seconds(self) -> float:
         busy_first_say = self._busy_start and not self._spoke_in_utterance
