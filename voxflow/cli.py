@@ -63,7 +63,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--half", action="store_true", default=None, help="float16 weights (GPU only)")
     g.add_argument("--decoder-precision", choices=("auto", "float32", "bfloat16"),
-                   help="HiFi-GAN precision (auto: bfloat16 on CPUs with bfloat16 instructions)")
+                   help="HiFi-GAN precision (default float32; auto: bfloat16 on CPUs with bfloat16 instructions)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
 

@@ -24,9 +24,10 @@ class EngineConfig:
     voice_dirs: tuple[Path, ...] = ()  # extra directories of Piper voices (*.onnx + *.onnx.json)
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     half: bool = False  # float16 weights (GPU only)
-    # HiFi-GAN's precision: "auto" is bfloat16 on CPUs with bfloat16 instructions (measured
-    # ~1.7x faster, docs/BENCHMARKS.md), else the model's; "float32" or "bfloat16" force one.
-    decoder_precision: str = "auto"
+    # HiFi-GAN's precision: "float32"; "bfloat16" (CPU), or "auto": bfloat16 on CPUs with
+    # bfloat16 instructions. bfloat16 decodes ~1.7x faster but streamed WER rose 0.008 with it
+    # (docs/BENCHMARKS.md, "Throughput"), so it is not the default.
+    decoder_precision: str = "float32"
     threads: int = 0  # torch intra-op threads per worker; 0 = auto (see layout)
     workers: int = 0  # compute threads sharing the model(s); 0 = auto (see layout)
     seed: int = 0  # default noise seed per stream: the same text and seed give the same audio

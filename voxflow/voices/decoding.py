@@ -7,8 +7,9 @@ Two measured facts on CPU shape this (docs/BENCHMARKS.md, "Throughput"):
   shape. Padding each window up to a multiple of BUCKET_FRAMES (with the padding masked, so
   the audio is unchanged) leaves a few dozen shapes that stay built.
 - On CPUs with bfloat16 instructions (AVX512-BF16, AMX) a bfloat16 decoder runs ~1.7x faster
-  than float32 once its kernels are built, ~37 dB below the signal. `auto` picks it there;
-  benchmarks/throughput.py checks its WER and spectral distance against float32.
+  than float32 once its kernels are built, its error ~37 dB below the signal. `auto` picks it
+  there; benchmarks/throughput.py checks its WER and spectral distance against float32.
+  The default stays float32 (config.py says why).
 
 Padding to a shared length is also what lets windows of several streams run as one batch.
 """
