@@ -44,3 +44,11 @@ def finish(missed: list[str], check: bool) -> None:
     print("targets missed: " + ", ".join(missed) if missed else "all targets met")
     if check and missed:
         sys.exit(1)
+
+
+def conclude(rows: list[tuple[str, str, str]], result: dict, targets: dict[str, bool], out: str, check: bool) -> None:
+    """Print the table, write the JSON with each target's outcome, and finish (see `finish`)."""
+    result["targets"] = targets
+    print_table(rows)
+    write_json(out, result)
+    finish([name for name, met in targets.items() if not met], check)

@@ -20,6 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(port: int, server: subprocess.Popen, timeout: float, poll: float = 0.02) -> None:
+    """Return once the server on `port` answers /health with 200; SystemExit if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("voxflow serve did not become ready")
+        time.sleep(poll)
+
+
 @contextmanager
 def voxflow_serve(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 120) -> Iterator[int]:
     """Start `voxflow serve --port PORT *args` with extra environment, yield PORT once /health
@@ -35,16 +49,7 @@ def voxflow_serve(*args: str, env: dict[str, str] | None = None, ready_timeout: 
         env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("voxflow serve did not become ready")
-            time.sleep(0.2)
+        wait_until_ready(port, server, ready_timeout)
         yield port
     finally:
         server.send_signal(signal.SIGTERM)

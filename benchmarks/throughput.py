@@ -50,8 +50,8 @@ import numpy as np
 from websockets.asyncio.client import connect
 
 from fidelity import ITEMS, Transcriber, edit_distance, signal_distance, words
-from report import add_check_flag, finish, print_table, stamp, write_json
-from serve_process import free_port, voxflow_serve
+from report import add_check_flag, conclude, stamp
+from serve_process import free_port, voxflow_serve, wait_until_ready
 from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.tokens import gpt_like_tokens, paced
@@ -284,15 +284,7 @@ def cold_start(runs: int) -> dict:
             [sys.executable, "-m", "voxflow.cli", "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.perf_counter() - start > 120:
-                    raise SystemExit("voxflow serve did not become ready")
-                time.sleep(0.02)
+            wait_until_ready(port, proc, 120)
             serve.append(time.perf_counter() - start)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -385,10 +377,7 @@ def main() -> None:
     rows, targets = report(result)
     for part in sorted(skip):
         targets[f"{part}_skipped"] = False
-    result["targets"] = targets
-    print_table(rows)
-    write_json(args.out, result)
-    finish([name for name, met in targets.items() if not met], args.check)
+    conclude(rows, result, targets, args.out, args.check)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class BlockOptions:
     # Later blocks; the last size repeats. With 12 frames of context on each side their windows
     # fill the decoder's 16-frame buckets exactly (64, 96), and larger blocks spend less of
     # their time on context: 0.054 s of decoding per second of audio against 0.076 with
-    # (16, 32, 48), single-threaded (docs/BENCHMARKS.md, "Throughput").
+    # (16, 32, 48), single-threaded, bfloat16 decoder (docs/ARCHITECTURE.md).
     block_frames: tuple[int, ...] = (40, 72)
     context_frames: int | None = None  # None: the voice decoder's receptive field
     crossfade_samples: int = 256
