@@ -51,3 +51,25 @@ async def test_a_busy_engine_waits_for_more_words_and_a_larger_first_block(engin
     text, small_first_block = await first_say(engine, busy=True)
     assert not small_first_block
     assert len(text.split()) >= 6
+
+
+async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
+    """The audio cache and seeded replays rely on it: load must not change what is said."""
+
+    async def render(busy: bool) -> bytes:
+        release = threading.Event()
+        blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers + 1 if busy else 0)]
+        stream = engine.open_stream(cached=False)
+        try:
+            await stream.push(REPLY)
+            await stream.end()
+            await asyncio.sleep(0.3)  # the first chunk is cut while the threads are held
+            release.set()
+            return b"".join([e.pcm async for e in stream if isinstance(e, AudioFrame)])
+        finally:
+            release.set()
+            for blocker in blockers:
+                blocker.result(timeout=30)
+
+    idle = await render(busy=False)
+    assert idle and await render(busy=True) == idle

@@ -68,11 +68,12 @@ class StreamOptions:
     max_held_chars: int = 400  # text waiting for its sentence to go on; past it, it is spoken
     # How much audio a say settles while its sentence goes on (the rest waits for context).
     settle_audio_s: float = 0.3
-    # An utterance that starts while the compute threads are busy (more jobs waiting or
-    # running than there are threads) waits for this many words (or its sentence's end, or a
-    # stall in the text) before its first say, settles this much audio in it, and skips the
-    # small first block: a one-word first clause ("Sure,") or a 93 ms block would not cover
-    # the wait for the next job behind the other streams.
+    # An utterance whose text trickles in (more than one piece) and that starts while the
+    # compute threads are busy (more jobs waiting or running than there are threads) waits
+    # for this many words (or its sentence's end, or a stall in the text) before its first
+    # say, settles this much audio in it, and skips the small first block: a one-word first
+    # clause ("Sure,") or a 93 ms block would not cover the wait for the next job behind the
+    # other streams.
     busy_start_words: int = 6
     busy_start_settle_s: float = 1.0
     chunker: ChunkerOptions = field(default_factory=ChunkerOptions)
@@ -176,6 +177,7 @@ class SynthesisStream:
         self._last_cut = Cut.WORD
         self._spoke_in_utterance = False
         self._busy_start = False  # this utterance started with the compute threads busy
+        self._utterance_pieces = 0  # text pieces of the current utterance read so far
         self._say_latency = 0.0  # seconds from the last say's start to its first audio
         self._text_chars = 0
         self._closed = False
@@ -263,7 +265,7 @@ class SynthesisStream:
         boundary = True  # the chunker holds no text: at the start and right after a flush
         while not isinstance(item := await self._input.get(), _End):
             if not (boundary and self._cache is not None and isinstance(item, str)):
-                yield item
+                yield self._counted(item)
                 boundary = isinstance(item, Flush)
                 continue
             fragments, closing = self._queued_utterance(item)
@@ -276,13 +278,18 @@ class SynthesisStream:
                 # The normalized text in one piece, so the audio stored under the key is its own.
                 fragments, self._pending_key = [key.text], key
             for fragment in fragments:
-                yield fragment
+                yield self._counted(fragment)
             if isinstance(closing, _End):
                 return
             if closing is not None:
-                yield closing
+                yield self._counted(closing)
                 self._pending_key = None  # taken by the utterance just spoken, unless it had nothing to say
             boundary = closing is not None
+
+    def _counted(self, item: str | Flush) -> str | Flush:
+        """Count the utterance's text pieces as the chunker reads them (a flush starts over)."""
+        self._utterance_pieces = self._utterance_pieces + 1 if isinstance(item, str) else 0
+        return item
 
     def _queued_utterance(self, first: str) -> tuple[list[str], Flush | _End | None]:
         """`first` and the text queued behind it, up to a flush or the end (None: not queued yet)."""
@@ -428,7 +435,10 @@ class SynthesisStream:
             self.metrics.first_chunk = time.perf_counter()
         self.metrics.chunks += 1
         if not self._spoke_in_utterance and not self._held_text:
-            self._busy_start = self._executor.backlog() > self._executor.workers
+            # Only for text that trickles in: text sent in one piece is said the same way
+            # however busy the machine is (the audio cache and seeded replays rely on it).
+            trickling = self._utterance_pieces > 1
+            self._busy_start = trickling and self._executor.backlog() > self._executor.workers
         if chunk.text:
             self._held_text.append(chunk.text)
             self._fresh = True
