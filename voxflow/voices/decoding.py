@@ -1,4 +1,4 @@
-"""HiFi-GAN as the engine runs it: windows padded to a few shapes, in the device's fastest precision.
+"""HiFi-GAN as the engine runs it: windows padded to a few shapes, in the configured precision.
 
 Two measured facts on CPU shape this (docs/ARCHITECTURE.md, "Decoder precision and shapes"):
 - oneDNN builds a convolution kernel for each input shape it meets and keeps a bounded cache
@@ -68,7 +68,7 @@ class WindowDecoder:
             # bfloat16 keeps 8 bits of mantissa: an output layer in it rounds every sample to
             # ~0.4 % and spreads that as noise into the spectrum's quiet bands (MCD to float32
             # ~6 on loud frames). In float32 it costs little (64 channels in, one out) and
-            # leaves ~2.7, with WER unchanged.
+            # leaves ~2.8.
             self.generator.conv_post.float()
         self.dtype = dtype
         self.hop = generator.cfg.hop_length
