@@ -9,6 +9,7 @@ import wave
 import pytest
 
 from voxflow.transports.protocols import hermes_protocol as hermes
+from voxflow.wav import wav_file
 from voxflow.transports.protocols.mqtt_protocol import (
     SAY,
     START,
@@ -180,7 +181,7 @@ def test_hermes_say_and_replies() -> None:
     assert hermes.play_bytes_topic("s", "i") == "hermes/audioServer/s/playBytes/i"
     error = json.loads(hermes.error_payload("boom", "s", "x", "Hi"))
     assert error == {"error": "boom", "context": "Hi", "siteId": "s", "sessionId": "x"}
-    with wave.open(io.BytesIO(hermes.wav_bytes(bytes(100), 22050))) as w:
+    with wave.open(io.BytesIO(wav_file(bytes(100), 22050))) as w:
         assert (w.getframerate(), w.getnframes()) == (22050, 50)
 
 

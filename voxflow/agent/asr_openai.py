@@ -7,28 +7,16 @@ Such a server takes a whole file, so a session only collects the turn's audio (a
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import wave
 
 import openai
 
 from ..config import AgentConfig
 from ..errors import InvalidRequest
+from ..wav import wav_file
 from .asr import RecognitionError, RecognitionSession, SpeechRecognizer
 
 RATE = 16_000
-
-
-def to_wav(pcm: bytes) -> bytes:
-    """16 kHz mono PCM16 as a WAV file."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(pcm)
-    return buffer.getvalue()
 
 
 class OpenAITranscriber(SpeechRecognizer):
@@ -68,7 +56,7 @@ class OpenAITranscriber(SpeechRecognizer):
 
     async def transcribe(self, pcm: bytes) -> str:
         """The transcript of 16 kHz mono PCM16 audio."""
-        upload = ("turn.wav", to_wav(pcm), "audio/wav")
+        upload = ("turn.wav", wav_file(pcm, RATE), "audio/wav")
         try:
             # The client's timeout bounds each phase of the request; this bounds the whole of
             # it, so a server that trickles its answer cannot hold the turn either.

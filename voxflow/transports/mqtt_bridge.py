@@ -37,6 +37,7 @@ from ..errors import StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from ..streaming.stream import SynthesisStream
 from ..voices.styles import Style
+from ..wav import wav_file
 from .core.admission import Ticket
 from .core.contexts import ContextRequest, ContextSet, UnknownContext
 from .protocols import hermes_protocol as hermes
@@ -516,7 +517,7 @@ class MqttBridge:
         say = route.hermes
         assert say is not None
         if end.reason == "done":
-            wav = hermes.wav_bytes(bytes(route.pcm), route.sample_rate)
+            wav = wav_file(bytes(route.pcm), route.sample_rate)  # the payload playBytes expects
             await self._publish(hermes.play_bytes_topic(say.site_id, route.request_id), wav, _CONTROL_QOS, _ReplyTo(), AUDIO_CONTENT_TYPE)
         else:
             await self._hermes_error(end.code or end.reason, end.message, say.site_id, say.session_id, say.text)

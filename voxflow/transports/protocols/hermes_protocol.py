@@ -3,9 +3,7 @@ server and `hermes/tts/sayFinished` out, failures on `hermes/error/tts`. See doc
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,13 +84,3 @@ def say_finished(say: HermesSay) -> bytes:
 def error_payload(message: str, site_id: str, session_id: str | None, context: str | None = None) -> bytes:
     return json.dumps({"error": message, "context": context, "siteId": site_id, "sessionId": session_id}).encode()
 
-
-def wav_bytes(pcm: bytes, sample_rate: int) -> bytes:
-    """Mono 16-bit PCM as a WAV file, the payload playBytes expects."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm)
-    return buffer.getvalue()
