@@ -141,6 +141,7 @@ class Engine:
         scales = style.scales(v.info.defaults)
         noise = Noise(self.config.seed if seed is None else seed, v.device, v.dtype)
         sid = v.speaker_id(speaker)
+        g = v.model.speaker(sid)  # the decoder's conditioning, the same for every block
         seconds_per_frame = v.hop_length / v.sample_rate
         pieces: list[np.ndarray] = []
         words: list[WordTimestamp] = []
@@ -150,7 +151,7 @@ class Engine:
             z, durations = v.model.infer_latents(ids, scales, sid, noise)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
             decoder = BlockDecoder(
-                lambda latents: v.decoder(latents, v.model.speaker(sid)), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS
+                lambda latents: v.decoder(latents, g), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS
             )
             joined = decoder.begin_chunk(z)
             pieces += [decoder.decode_block(joined, start, end) for start, end in decoder.plan(z.shape[2])]
