@@ -21,7 +21,7 @@ def _embedded_voice() -> VoiceInfo:
 class VoiceRegistry:
     """Knows every voice by name from its JSON alone; loads weights on first use, once."""
 
-    def __init__(self, voice_dirs: Iterable[Path] = (), device: str = "cpu", half: bool = False, decoder_precision: str = "auto") -> None:
+    def __init__(self, voice_dirs: Iterable[Path] = (), device: str = "cpu", half: bool = False, decoder_precision: str = "float32") -> None:
         self.device = device
         self.half = half
         self.decoder_precision = decoder_precision

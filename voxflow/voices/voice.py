@@ -65,7 +65,7 @@ class VoiceInfo:
 
 class Voice:
     def __init__(
-        self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype, decoder_precision: str = "auto"
+        self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype, decoder_precision: str = "float32"
     ) -> None:
         self.info = info
         self.model = model
@@ -79,7 +79,7 @@ class Voice:
         self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map, max_chars=None)
 
     @classmethod
-    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "auto") -> "Voice":
+    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "float32") -> "Voice":
         target = torch.device(device)
         if target.type == "cuda" and not torch.cuda.is_available():
             raise InvalidRequest("device 'cuda' requested but torch sees no CUDA device")
