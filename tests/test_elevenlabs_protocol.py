@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import typing
+
+import av
+import numpy as np
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voxflow.transports.protocols.elevenlabs_protocol import (
-    MAX_MESSAGE_MS,
     AudioPacker,
     ClientMessage,
     ElevenLabsError,
@@ -20,8 +24,11 @@ from voxflow.transports.protocols.elevenlabs_protocol import (
     error_message,
     final_message,
     parse_message,
+    parse_output_format,
     parse_query,
 )
+from livekit.plugins.elevenlabs.tts import _to_timed_words
+from pipecat.services.elevenlabs.tts_base import _strip_utterance_leading_spaces, calculate_word_times
 from voxflow.voices.styles import Style
 
 
@@ -112,18 +119,58 @@ def test_pipecat_query_string():
     assert options.inactivity_timeout == 20
 
 
-@pytest.mark.parametrize("value", ["mp3_44100_128", "ulaw_8000", "opus_48000_64", "pcm_11025", "pcm_", "pcm_abc", "pcm_²"])
+# ElevenLabs' output_format enum (elevenlabs SDK 2.78: TextToSpeechOutputFormatEnum and
+# AllowedOutputFormats), every one of which voxflow must speak.
+ELEVENLABS_FORMATS = (
+    "alaw_8000 mp3_22050_32 mp3_24000_48 mp3_44100_128 mp3_44100_192 mp3_44100_32 mp3_44100_64 mp3_44100_96 "
+    "opus_48000_128 opus_48000_192 opus_48000_32 opus_48000_64 opus_48000_96 pcm_16000 pcm_22050 pcm_24000 "
+    "pcm_32000 pcm_44100 pcm_48000 pcm_8000 ulaw_8000"
+).split()
+
+
+def test_every_elevenlabs_output_format_is_known():
+    from elevenlabs.types.text_to_speech_output_format_enum import TextToSpeechOutputFormatEnum
+
+    assert set(typing.get_args(typing.get_args(TextToSpeechOutputFormatEnum)[0])) <= set(ELEVENLABS_FORMATS)
+    for name in ELEVENLABS_FORMATS:
+        fmt = parse_query({"output_format": name}).output_format
+        assert fmt.name == name and fmt.sample_rate == int(name.split("_")[1])
+
+
+def decoded(name: str, pcm: bytes) -> np.ndarray:
+    fmt = parse_output_format(name)
+    encoder = fmt.audio.encoder(fmt.sample_rate)
+    data = b"".join(encoder.encode(pcm[i : i + 640]) for i in range(0, len(pcm), 640)) + encoder.finish()
+    if name.startswith("pcm"):
+        return np.frombuffer(data, "<i2")
+    container = {"ulaw": "mulaw", "alaw": "alaw"}.get(name[:4])
+    options = {"sample_rate": str(fmt.sample_rate)} if container else {}
+    with av.open(io.BytesIO(data), format=container, options=options) as file:
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in file.decode(audio=0)])
+
+
+@pytest.mark.parametrize("name", ["pcm_8000", "ulaw_8000", "alaw_8000", "mp3_22050_32", "mp3_44100_128", "opus_48000_64"])
+def test_encoded_formats_decode_to_the_same_sound(name):
+    rate = parse_output_format(name).sample_rate
+    t = np.arange(rate) / rate  # one second of a 440 Hz tone
+    tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2")
+    out = decoded(name, tone.tobytes()).astype(float)
+    assert abs(len(out) - rate) <= rate // 10  # codec padding aside, the whole second
+    # The tone survives the codec: its spectrum peaks at 440 Hz.
+    spectrum = np.abs(np.fft.rfft(out[: rate // 2]))
+    assert abs(np.argmax(spectrum) * 2 - 440) <= 4
+
+
+@pytest.mark.parametrize("value", ["mp3_44100_100", "opus_24000_64", "wav_44100", "pcm_11025", "pcm_", "pcm_abc", "pcm_²"])
 def test_other_output_formats_are_refused_clearly(value):
     with pytest.raises(ElevenLabsError) as caught:
         parse_query({"output_format": value})
     assert caught.value.code == "unsupported_output_format"
-    assert "pcm_22050" in str(caught.value) and "PCM only" in str(caught.value)
+    assert "pcm_22050" in str(caught.value) and "ulaw_8000" in str(caught.value)
 
 
-def test_missing_output_format_is_refused_not_sent_as_mislabeled_pcm():
-    with pytest.raises(ElevenLabsError) as caught:
-        parse_query({})
-    assert "mp3_44100_128" in str(caught.value) and "pcm_16000" in str(caught.value)
+def test_a_missing_output_format_is_elevenlabs_default():
+    assert parse_query({}).output_format.name == "mp3_44100_128"
 
 
 def test_query_options():
@@ -177,9 +224,9 @@ def test_ends_sentence(text, expected):
 # -- server messages --------------------------------------------------------------------------
 
 
-def one_chunk(words: list[tuple[str, float, float]], seconds: float):
+def one_chunk(words: list[tuple[str, float, float]], seconds: float, **packer_options):
     """All of a context's audio (16 kHz) taken at once."""
-    packer = AudioPacker(16000)
+    packer = AudioPacker(16000, **packer_options)
     for word, start, end in words:
         packer.add_word(word, start, end)
     packer.add_audio(0.0, bytes(2 * round(seconds * 16000)))
@@ -190,7 +237,7 @@ def test_audio_message_fields():
     [chunk] = one_chunk([("Hi", 0.02, 0.1)], 0.15)
     multi = audio_message(chunk, "c1")
     assert set(multi) == {"audio", "isFinal", "normalizedAlignment", "alignment", "contextId"}
-    assert base64.b64decode(multi["audio"]) == chunk.pcm and multi["isFinal"] is False and multi["contextId"] == "c1"
+    assert base64.b64decode(multi["audio"]) == chunk.audio and multi["isFinal"] is False and multi["contextId"] == "c1"
     assert multi["alignment"] == {"chars": ["H", "i", " "], "charStartTimesMs": [20, 60, 100], "charDurationsMs": [40, 40, 50]}
     assert multi["normalizedAlignment"] == multi["alignment"]
     assert "contextId" not in audio_message(chunk)
@@ -211,44 +258,44 @@ def test_final_and_error_messages():
     assert error_message("internal_error", "boom", code=1011, context_id="c")["contextId"] == "c"
 
 
-# -- alignment --------------------------------------------------------------------------------
+# -- alignment, as the clients rebuild word times from it ----------------------------------------
 
 
 def pipecat_word_times(messages: list[dict]) -> list[tuple[str, int]]:
-    """Word start times (ms) the way Pipecat's ElevenLabsTTSService rebuilds them (pipecat main,
-    commit acead05: calculate_word_times in tts_base.py, the clock in tts.py _receive_messages):
-    words end at a space, a word's time is the clock plus its first character's start, and
-    the clock advances by the end of a message's last character when the message completed a
-    word. Leading spaces of a context's first alignment are dropped. Integer ms here."""
-    clock, partial, partial_start, started, words = 0, "", 0, False, []
+    """Word start times (ms from the context's first audio) as Pipecat 1.14's
+    ElevenLabsTTSService rebuilds them: its own calculate_word_times and leading-space strip,
+    and the clock of its _receive_messages, which advances on every message with alignment by
+    the end of that message's last character."""
+    clock, partial, partial_start, words = 0.0, "", 0.0, []
+    keys = ("chars", "charStartTimesMs", "charDurationsMs")
+    for i, message in enumerate(m for m in messages if m["alignment"]):
+        alignment = _strip_utterance_leading_spaces(message["alignment"], keys, i == 0)
+        found, partial, partial_start = calculate_word_times(alignment, clock, partial, partial_start)
+        words += found
+        if alignment["charStartTimesMs"]:
+            clock += (alignment["charStartTimesMs"][-1] + alignment["charDurationsMs"][-1]) / 1000
+    if partial:
+        words.append((partial, partial_start))
+    return [(w, round(t * 1000)) for w, t in words]
+
+
+def livekit_word_times(messages: list[dict]) -> list[tuple[str, int]]:
+    """Word start times (ms) as livekit-plugins-elevenlabs 1.8.9 rebuilds them: the characters
+    of every message appended (its _accumulate_alignment) and cut into words by its own
+    _to_timed_words, times taken as they are."""
+    text, starts, durations = "", [], []
     for message in messages:
-        alignment = message["alignment"] or message["normalizedAlignment"]
-        if not alignment:
-            continue
-        chars, starts, durations = alignment["chars"], alignment["charStartTimesMs"], alignment["charDurationsMs"]
-        if not started:
-            while chars and chars[0] == " ":
-                chars, starts, durations = chars[1:], starts[1:], durations[1:]
-        started = True
-        completed, current, current_start = [], partial, partial_start if partial else None
-        for char, start in zip(chars, starts):
-            if char == " ":
-                if current:
-                    completed.append((current, current_start))
-                current, current_start = "", None
-            else:
-                if current_start is None:
-                    current_start = clock + start
-                current += char
-        partial, partial_start = current, current_start or 0
-        if completed:
-            words += completed
-            clock += starts[-1] + durations[-1]
-    return words
+        alignment = message["normalizedAlignment"]
+        if alignment and alignment["chars"]:
+            text += "".join(alignment["chars"])
+            starts += alignment["charStartTimesMs"]
+            durations += alignment["charDurationsMs"]
+    timed, _ = _to_timed_words(text, starts, durations, flush=True)
+    return [(str(t).strip(), round(t.start_time * 1000)) for t in timed if str(t).strip()]
 
 
 def duration_ms(chunk, rate: int) -> float:
-    return len(chunk.pcm) / 2 / rate * 1000
+    return chunk.samples / rate * 1000
 
 
 def test_cuts_fall_on_word_starts_and_times_count_from_each_message():
@@ -264,26 +311,58 @@ def test_cuts_fall_on_word_starts_and_times_count_from_each_message():
     assert pipecat_word_times([audio_message(c) for c in chunks]) == [(w, round(s * 1000)) for w, s, _ in words]
 
 
+def test_with_context_times_they_count_from_the_first_audio():
+    words = [(f"w{i}", 0.15 * i + 0.03, 0.15 * i + 0.12) for i in range(10)]
+    chunks = one_chunk(words, 1.5, context_times=True)
+    assert len(chunks) > 4
+    messages = [audio_message(c, sync_alignment=True) for c in chunks]
+    assert livekit_word_times(messages) == [(w, round(s * 1000)) for w, s, _ in words]
+
+
 def test_a_message_stretches_to_reach_a_word_start():
     chunks = one_chunk([("extraordinarily", 0.0, 0.3), ("so", 0.32, 0.45), ("now", 0.6, 0.7)], 0.75)
     assert ["".join(c.alignment.chars) for c in chunks] == ["extraordinarily ", "so ", "now "]
     assert [duration_ms(c, 16000) for c in chunks] == [320, 280, 150]
 
 
-def test_early_messages_inside_the_first_word_do_not_set_pipecat_behind():
-    # The first audio goes out at once, mid-word; so does a pause. Pipecat's clock only moves
-    # on messages completing a word, and the next message's times make up for it.
+def bursts(packer: AudioPacker, seconds: list[float], **message_options) -> list[dict]:
+    """Audio arriving in bursts, each taken when it ends, then the end of the context."""
+    messages = []
+    for length in seconds:
+        packer.add_audio(0.0, bytes(2 * round(length * 16000)))
+        messages += [audio_message(c, **message_options) for c in packer.take()]
+    return messages + [audio_message(c, **message_options) for c in packer.take(final=True)]
+
+
+def test_every_message_carries_its_share_of_pipecats_clock():
+    # The first audio goes out at once, mid-word; a long letter and a long pause each span a
+    # message of their own. Each message's characters still reach its end.
     packer = AudioPacker(16000)
     packer.add_word("Hello", 0.035, 0.29)
-    packer.add_word("there,", 0.35, 0.62)
-    packer.add_word("friend.", 0.96, 1.3)
-    messages = []
-    for seconds in (0.06, 0.16, 0.5, 0.15, 0.3, 0.33):  # bursts, each taken when it ends
-        packer.add_audio(0.0, bytes(2 * round(seconds * 16000)))
-        messages += [audio_message(c) for c in packer.take()]
-    messages += [audio_message(c) for c in packer.take(final=True)]
+    packer.add_word("Oh", 0.35, 1.0)  # 325 ms a letter
+    packer.add_word("friend.", 1.6, 1.9)  # after a 600 ms pause
+    messages = bursts(packer, [0.06, 0.16, 0.5, 0.15, 0.3, 0.33, 0.3, 0.4])
     assert messages[0]["alignment"]["chars"] == ["H"]
-    assert pipecat_word_times(messages) == [("Hello", 35), ("there,", 350), ("friend.", 960)]
+    for m in messages:
+        a = m["alignment"]
+        assert a and a["charStartTimesMs"][-1] + a["charDurationsMs"][-1] == round(len(base64.b64decode(m["audio"])) / 32)
+    assert pipecat_word_times(messages) == [("Hello", 35), ("Oh", 350), ("friend.", 1600)]
+
+
+def test_audio_before_the_first_word_waits_for_it_with_per_message_times():
+    packer = AudioPacker(16000)
+    packer.add_word("Late", 0.15, 0.4)
+    packer.add_audio(0.0, bytes(2 * 1600))  # 100 ms, all before the word
+    assert packer.take() == []
+    packer.add_audio(0.0, bytes(2 * 3200))
+    [first] = packer.take()
+    assert first.samples == 4800 and first.alignment.chars[0] == "L" and first.alignment.start_ms[0] == 150
+    # With times from the context's start nothing needs to wait.
+    eager = AudioPacker(16000, context_times=True)
+    eager.add_word("Late", 0.15, 0.4)
+    eager.add_audio(0.0, bytes(2 * 1600))
+    [early] = eager.take()
+    assert early.samples == 1600 and early.alignment.chars == ()
 
 
 @st.composite
@@ -298,14 +377,14 @@ def spoken(draw):
     frame = rate // 50
     frames = -(-round((t + draw(st.floats(0, 0.4))) * rate) // frame)
     takes = draw(st.sets(st.integers(0, frames - 1)))  # frames after which the loop was free
-    return rate, words, frames, frame, takes
+    return rate, words, frames, frame, takes, draw(st.booleans())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(spoken())
 def test_alignment_invariants(case):
-    rate, words, frames, frame, takes = case
-    packer, chunks, pcm, pending = AudioPacker(rate), [], b"", list(words)
+    rate, words, frames, frame, takes, context_times = case
+    packer, chunks, pcm, pending = AudioPacker(rate, context_times=context_times), [], b"", list(words)
     for i in range(frames):
         # Words arrive before their audio, as the engine emits them.
         while pending and pending[0][1] < (i + 1) * frame / rate:
@@ -319,16 +398,17 @@ def test_alignment_invariants(case):
         packer.add_word(*word)
     chunks += packer.take(final=True)
 
-    assert b"".join(c.pcm for c in chunks) == pcm
-    assert "".join("".join(c.alignment.chars) for c in chunks) == "".join(w + " " for w, _, _ in words)
+    assert b"".join(c.audio for c in chunks) == pcm
+    spoken_text = "".join("".join(c.alignment.chars) for c in chunks)
+    assert " ".join(spoken_text.split()) + " " == "".join(w + " " for w, _, _ in words)
     for chunk in chunks:
         a = chunk.alignment
         assert len(a.chars) == len(a.start_ms) == len(a.duration_ms)
         assert list(a.start_ms) == sorted(a.start_ms) and all(s >= 0 for s in a.start_ms)
         assert all(d >= 0 for d in a.duration_ms)
-        assert duration_ms(chunk, rate) <= 2 * MAX_MESSAGE_MS + 1e-6
-    # Pipecat rebuilds every word at its start (to the ms, cuts fall on samples), however the
-    # audio was cut.
-    rebuilt = pipecat_word_times([audio_message(c) for c in chunks])
+    messages = [audio_message(c, sync_alignment=context_times) for c in chunks]
+    # Each client rebuilds every word at its start (to the ms: cuts fall on samples) from the
+    # clock it is given, however the audio was cut.
+    rebuilt = (livekit_word_times if context_times else pipecat_word_times)(messages)
     assert [w for w, _ in rebuilt] == [w for w, _, _ in words]
     assert all(abs(ms - s * 1000) <= 1 for (_, ms), (_, s, _) in zip(rebuilt, words))

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 from urllib.parse import urlencode
 
+import av
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -33,8 +35,10 @@ PARAGRAPH = (
 TIMEOUT = 120  # generous: the suite shares two cores with others
 
 
-def url(server: RunningServer, endpoint: str = "multi-stream-input", **query: str) -> str:
+def url(server: RunningServer, endpoint: str = "multi-stream-input", **query: str | None) -> str:
+    """A query value of None leaves that parameter out."""
     params = {"model_id": "eleven_flash_v2_5", "output_format": "pcm_16000", "auto_mode": "true", **query}
+    params = {name: value for name, value in params.items() if value is not None}
     return f"{server.ws}/v1/text-to-speech/{VOICE_ID}/{endpoint}?{urlencode(params)}"
 
 
@@ -114,7 +118,7 @@ async def nothing_left(server: RunningServer) -> None:
 # -- stream-input -----------------------------------------------------------------------------
 
 
-async def speak_stream_input(server: RunningServer, output_format: str, fragments: list[str]) -> tuple[list[dict], int]:
+async def speak_stream_input(server: RunningServer, output_format: str | None, fragments: list[str]) -> tuple[list[dict], int]:
     async with open_socket(url(server, "stream-input", output_format=output_format, auto_mode="false")) as ws:
         # The messages of ElevenLabs' WebSocket guide: init, text, flush, end of input.
         await send(ws, {
@@ -220,15 +224,29 @@ async def test_bad_input_gets_an_error_and_the_socket_carries_on(server):
 
 
 async def test_unsupported_output_format_is_refused(server):
-    for query in ({"output_format": "mp3_44100_128"}, {"output_format": "ulaw_8000"}):
+    for query in ({"output_format": "mp3_44100_100"}, {"output_format": "wav_44100"}):
         async with open_socket(url(server, **query)) as ws:
             messages, code = await closed_with(ws)
         assert code == 1008
         assert [m["error"] for m in messages] == ["unsupported_output_format"] and "pcm_16000" in messages[0]["message"]
-    no_format = f"{server.ws}/v1/text-to-speech/{VOICE_ID}/stream-input"
-    async with open_socket(no_format) as ws:
-        messages, code = await closed_with(ws)
-    assert code == 1008 and "mp3_44100_128" in messages[0]["message"]
+
+
+@pytest.mark.parametrize("output_format", ["mp3_44100_128", "ulaw_8000", "opus_48000_64", None])
+async def test_encoded_output_formats_stream_the_whole_utterance(server, output_format):
+    # None: no output_format at all, which is ElevenLabs' default, mp3_44100_128.
+    messages, code = await speak_stream_input(server, output_format, [SENTENCE])
+    assert code == 1000 and not any("error" in m for m in messages)
+    reference, _ = await speak_stream_input(server, "pcm_16000", [SENTENCE])
+    seconds = len(audio_of(reference)) / 2 / 16000
+    name = output_format or "mp3_44100_128"
+    container = {"ulaw": "mulaw"}.get(name[:4])
+    rate = int(name.split("_")[1])
+    options = {"sample_rate": str(rate)} if container else {}
+    with av.open(io.BytesIO(audio_of(messages)), format=container, options=options) as file:
+        samples = sum(frame.samples for frame in file.decode(audio=0))
+    # The codec's own padding aside, the same utterance.
+    assert abs(samples / rate - seconds) < 0.1
+    assert [w for w, _ in pipecat_word_times([m for m in messages if "audio" in m])] == SENTENCE.split()
 
 
 async def test_disconnect_mid_stream_leaves_nothing_running(server):

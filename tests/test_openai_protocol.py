@@ -29,11 +29,11 @@ from voxflow.transports.protocols.openai_protocol import (
     preset_in,
     resolve_voice,
     speech_request,
-    streaming_wav_header,
     style_for,
     voice_name,
     wants_sse,
 )
+from voxflow.transports.protocols.audio_encoding import streaming_wav_header
 from voxflow.voices.styles import PRESETS, Style
 
 OWN = ("en_US-joe-medium", "en_GB-alba-medium")

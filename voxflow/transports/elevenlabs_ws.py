@@ -96,6 +96,10 @@ class _Sender:
         self._open = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="voxflow-elevenlabs-sender")
 
+    def _new_packer(self) -> AudioPacker:
+        fmt = self._options.output_format
+        return AudioPacker(fmt.sample_rate, fmt.audio.encoder(fmt.sample_rate), context_times=self._options.sync_alignment)
+
     def _label(self, context_id: str) -> str | None:
         return context_id if self._multi else None
 
@@ -109,7 +113,7 @@ class _Sender:
             return
         packer = self._packers.get(event.context_id)
         if packer is None:
-            packer = self._packers[event.context_id] = AudioPacker(self._options.sample_rate)
+            packer = self._packers[event.context_id] = self._new_packer()
         if isinstance(event, WordTimestamp):
             packer.add_word(event.word, event.start, event.end)
             return

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from ...errors import InvalidRequest
 from ...streaming.framing import OUTPUT_RATES
 from ...voices.styles import EXPRESSIVENESS_RANGE, SPEED_RANGE, Style
+from .audio_encoding import AudioFormat, Encoder, PcmEncoder, g711_format, mp3_format, ogg_opus_format, pcm_format
 from .json_text import InvalidJson, loads_object
 
 # ElevenLabs puts the WebSocket close code it uses (1008, policy violation) in `code`.
@@ -58,32 +59,55 @@ class ElevenLabsError(InvalidRequest):
 
 
 @dataclass(frozen=True)
-class ConnectionOptions:
+class OutputFormat:
+    """One of ElevenLabs' `output_format` names: the rate voxflow synthesizes at and its encoding."""
+
+    name: str
     sample_rate: int
+    audio: AudioFormat
+
+
+def _output_formats() -> dict[str, OutputFormat]:
+    # ElevenLabs' list (its API's output_format enum). Opus is Ogg Opus, as ElevenLabs sends it
+    # and as LiveKit's plugin parses it (it reads the Ogg pages' granule positions).
+    formats = [OutputFormat(f"pcm_{rate}", rate, pcm_format(f"pcm_{rate}")) for rate in OUTPUT_RATES]
+    for rate, kbps in ((22050, 32), (24000, 48), (44100, 32), (44100, 64), (44100, 96), (44100, 128), (44100, 192)):
+        name = f"mp3_{rate}_{kbps}"
+        formats.append(OutputFormat(name, rate, mp3_format(name, kbps * 1000)))
+    for kbps in (32, 64, 96, 128, 192):
+        name = f"opus_48000_{kbps}"
+        formats.append(OutputFormat(name, 48000, ogg_opus_format(name, kbps * 1000)))
+    formats += [OutputFormat(f"{law}_8000", 8000, g711_format(f"{law}_8000", law)) for law in ("ulaw", "alaw")]
+    return {f.name: f for f in formats}
+
+
+OUTPUT_FORMATS = _output_formats()
+DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # ElevenLabs' own default
+
+
+def parse_output_format(value: str | None) -> OutputFormat:
+    """An `output_format` name (ElevenLabs' default when absent) -> its rate and encoder."""
+    found = OUTPUT_FORMATS.get(DEFAULT_OUTPUT_FORMAT if value is None else value)
+    if found is None:
+        raise ElevenLabsError(
+            f"unsupported output_format {value!r:.40}; supported: {', '.join(OUTPUT_FORMATS)}",
+            error="unsupported_output_format",
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    output_format: OutputFormat
     inactivity_timeout: int = INACTIVITY_TIMEOUT_DEFAULT  # seconds without input before a close
     sync_alignment: bool = False  # an alignment object (maybe empty) on every audio message
     auto_mode: bool = False  # text that ends a sentence is spoken at once (an implicit flush)
     seed: int | None = None
     api_key: str | None = None  # ?authorization=
 
-
-def parse_output_format(value: str | None) -> int:
-    """`pcm_<rate>` -> the sample rate. voxflow has no MP3/Opus/μ-law encoder on this path, so
-    anything else, ElevenLabs' mp3 default included, is refused rather than sent as mislabeled PCM."""
-    choices = ", ".join(f"pcm_{rate}" for rate in OUTPUT_RATES)
-    if value is None:
-        raise ElevenLabsError(
-            f"output_format is required: voxflow streams raw 16-bit PCM only, not ElevenLabs' default "
-            f"mp3_44100_128; use one of {choices}",
-            error="unsupported_output_format",
-        )
-    prefix, _, rate = value.partition("_")
-    if prefix != "pcm" or not (rate.isascii() and rate.isdigit()) or int(rate) not in OUTPUT_RATES:
-        raise ElevenLabsError(
-            f"unsupported output_format {value!r:.40}: voxflow streams raw 16-bit PCM only; use one of {choices}",
-            error="unsupported_output_format",
-        )
-    return int(rate)
+    @property
+    def sample_rate(self) -> int:
+        return self.output_format.sample_rate
 
 
 def _query_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
@@ -111,7 +135,7 @@ def parse_query(params: Mapping[str, str]) -> ConnectionOptions:
     enable_ssml_parsing, apply_text_normalization...) are accepted and have no effect."""
     timeout = _query_int(params, "inactivity_timeout", 1, INACTIVITY_TIMEOUT_MAX)
     return ConnectionOptions(
-        sample_rate=parse_output_format(params.get("output_format")),
+        output_format=parse_output_format(params.get("output_format")),
         inactivity_timeout=INACTIVITY_TIMEOUT_DEFAULT if timeout is None else timeout,
         sync_alignment=_query_bool(params, "sync_alignment", False),
         auto_mode=_query_bool(params, "auto_mode", False),
@@ -235,9 +259,7 @@ def ends_sentence(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Alignment:
-    """Characters of one audio message, times in ms from the start of that message's audio
-    (ElevenLabs: "relative to the returned chunk ... not the full audio response"); AudioPacker
-    says when they count from earlier."""
+    """Characters of one audio message and their times in ms (AudioPacker says from when)."""
 
     chars: tuple[str, ...] = ()
     start_ms: tuple[int, ...] = ()
@@ -249,7 +271,8 @@ class Alignment:
 
 @dataclass(frozen=True)
 class AudioChunk:
-    pcm: bytes  # mono PCM16 little-endian
+    audio: bytes  # in the connection's output format
+    samples: int  # PCM samples that went into it (an encoder may hold some back for the next)
     alignment: Alignment
 
 
@@ -258,6 +281,7 @@ class _Char:
     char: str
     start: float  # seconds on the stream's timeline
     end: float | None  # None: a space whose end is the next word's start, not known yet
+    starts_word: bool = False
 
 
 class AudioPacker:
@@ -265,30 +289,37 @@ class AudioPacker:
 
     Every word is followed by a space that lasts until the next word starts (pauses included),
     and a word's duration is spread evenly over its characters. A character goes out with the
-    message its start falls in, its duration cut at that message's end; so the characters of
-    all messages concatenate to the spoken words, each followed by one space.
+    message its start falls in, its duration cut at that message's end.
 
-    Times are in ms from the start of the message's audio, as ElevenLabs defines them, with
-    one refinement for the clients that rebuild word times from them. Those (Pipecat) keep a
-    clock that advances, per message, by the end of its last character, and only on messages
-    that complete a word (a space after a word). A message completing none (the first one,
-    sent before its word is over; a pause) would leave that clock behind for good, so the
-    next message's times count from where the clock stands instead: from the end of the last
-    message that completed a word. Cuts go where a word starts whenever a burst allows, so the
-    message before ends with a space reaching its very end; then both readings agree.
+    Clients disagree on what the times count from, so there are two clocks:
+
+    - Per message (the default, ElevenLabs' documented reading: "relative to the returned
+      chunk"). Pipecat 1.14 rebuilds word times with a clock that advances, on each message
+      with alignment, by the end of its last character. So every message's characters span
+      its whole audio: a message that would have no character of its own repeats the space
+      of the pause it lies in, or takes the next letter of the word it lies in a little early
+      (only a word's first letter carries its time). Audio before the first word, with no
+      character to carry it, waits for the message that reaches that word: Pipecat drops the
+      leading spaces of a context's first alignment, so a space there would not move its clock.
+    - From the context's first audio (`context_times`). LiveKit's plugin reads the times that
+      way, and asks for sync_alignment, which Pipecat never does; docs/compatibility.md says
+      why the two are told apart by it.
     """
 
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, encoder: Encoder | None = None, *, context_times: bool = False) -> None:
         self.sample_rate = sample_rate
+        self._encoder = encoder or PcmEncoder(sample_rate)
+        self._context_times = context_times
         self._min = sample_rate * MIN_MESSAGE_MS // 1000
         self._max = sample_rate * MAX_MESSAGE_MS // 1000
         self._stretch = 2 * self._max
         self._pcm = bytearray()
         self._start: int | None = None  # stream sample index of _pcm[0]
+        self._origin_ms: int | None = None  # the context's first audio, for context_times
         self._chars: deque[_Char] = deque()
         self._word_starts: deque[int] = deque()  # stream sample index of each word start not yet sent
         self._last_end = 0.0
-        self._origin_ms = 0  # where alignment times count from (see above), on the stream's timeline
+        self._sent_chars = False
         self._in_word = False  # the characters sent so far end inside a word
 
     @property
@@ -303,32 +334,42 @@ class AudioPacker:
         if self._chars and self._chars[-1].end is None:
             self._chars[-1].end = start
         step = (end - start) / len(word)
-        self._chars.extend(_Char(ch, start + i * step, start + (i + 1) * step) for i, ch in enumerate(word))
+        self._chars.extend(_Char(ch, start + i * step, start + (i + 1) * step, i == 0) for i, ch in enumerate(word))
         self._chars.append(_Char(" ", end, None))
-        self._word_starts.append(round(start * self.sample_rate))
+        self._word_starts.append(self._sample(start))
         self._last_end = end
 
     def add_audio(self, pts: float, pcm: bytes) -> None:
         """Frames of a context are contiguous, so only the first one's position is needed."""
         if self._start is None:
             self._start = round(pts * self.sample_rate)
+            self._origin_ms = round(pts * 1000)
         self._pcm += pcm
 
+    def _sample(self, seconds: float) -> int:
+        return round(seconds * self.sample_rate)
+
     def take(self, final: bool = False) -> list[AudioChunk]:
-        """Everything buffered, as messages. final: the context has ended, so characters
-        with no audio left to go with (there should be none) go out with the last one."""
+        """The buffered audio as messages (some may be held back, see the class). final: the
+        context has ended, so everything goes, with the encoder's tail and any characters left."""
         samples = len(self._pcm) // 2
         if samples == 0 and not (final and self._chars):
-            return []
+            tail = self._encoder.finish() if final else b""
+            return [AudioChunk(tail, 0, Alignment())] if tail else []
         start = self._start or 0
+        cuts = self._cuts(start, samples)
+        if not self._context_times:
+            cuts = self._carried(start, cuts, final)
         chunks, begin = [], 0
-        for end in self._cuts(start, samples):
+        for end in cuts:
             last = final and end == samples
-            pcm = bytes(self._pcm[2 * begin : 2 * end])
-            chunks.append(AudioChunk(pcm, self._align(start + begin, start + end, last)))
+            audio = self._encoder.encode(bytes(self._pcm[2 * begin : 2 * end]))
+            if last:
+                audio += self._encoder.finish()
+            chunks.append(AudioChunk(audio, end - begin, self._align(start + begin, start + end, last)))
             begin = end
-        del self._pcm[:]
-        self._start = start + samples
+        del self._pcm[: 2 * begin]
+        self._start = start + begin
         while self._word_starts and self._word_starts[0] < self._start:
             self._word_starts.popleft()
         return chunks
@@ -352,24 +393,42 @@ class AudioPacker:
         cuts.append(samples)
         return cuts
 
+    def _carried(self, start: int, cuts: list[int], final: bool) -> list[int]:
+        """The cuts whose messages can carry a character (per-message times): a message before
+        the first word's start merges into the next one, or waits when it is the last."""
+        if self._sent_chars:
+            return cuts  # from the first word on, every message has a character to carry
+        first = next((c for c in self._chars if c.starts_word), None)
+        reach = None if first is None else self._sample(first.start) - start
+        kept = [end for end in cuts if reach is not None and end > reach]
+        if final:
+            return kept if kept and kept[-1] == cuts[-1] else [*kept, cuts[-1]]
+        return kept
+
     def _align(self, begin: int, end: int, final: bool) -> Alignment:
         t0, t1 = begin / self.sample_rate, end / self.sample_rate
         chars, starts, durations = [], [], []
-        completes_word = False
+        own = bool(self._chars) and (final or self._sample(self._chars[0].start) < end)
+        if not (own or self._context_times):
+            # No character starts here: keep the per-message clock whole (see the class).
+            following = self._chars[0] if self._chars else None
+            if following is not None and not following.starts_word:
+                following.start = t0
+            elif self._sent_chars and not self._in_word:
+                self._chars.appendleft(_Char(" ", t0, None if following is None else following.start))
+        origin_ms = (self._origin_ms or 0) if self._context_times else round(t0 * 1000)
         # Compared in samples, rounded as the word starts are, so a cut at a word start
         # leaves that word wholly in the next message.
-        while self._chars and (final or round(self._chars[0].start * self.sample_rate) < end):
+        while self._chars and (final or self._sample(self._chars[0].start) < end):
             c = self._chars.popleft()
             start = min(max(c.start, t0), t1)
             stop = t1 if c.end is None else min(max(c.end, start), t1)
             start_ms, stop_ms = round(start * 1000), round(stop * 1000)
             chars.append(c.char)
-            starts.append(start_ms - self._origin_ms)
+            starts.append(start_ms - origin_ms)
             durations.append(stop_ms - start_ms)
-            completes_word |= c.char == " " and self._in_word
             self._in_word = c.char != " "
-        if completes_word:
-            self._origin_ms += starts[-1] + durations[-1]
+            self._sent_chars = True
         return Alignment(tuple(chars), tuple(starts), tuple(durations))
 
 
@@ -387,7 +446,7 @@ def audio_message(chunk: AudioChunk, context_id: str | None = None, *, sync_alig
     A message without characters carries null alignments, or empty ones with sync_alignment."""
     alignment = chunk.alignment.to_json() if chunk.alignment.chars or sync_alignment else None
     body = {
-        "audio": base64.b64encode(chunk.pcm).decode("ascii"),
+        "audio": base64.b64encode(chunk.audio).decode("ascii"),
         "isFinal": False,
         "normalizedAlignment": alignment,
         "alignment": alignment,

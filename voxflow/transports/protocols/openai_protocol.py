@@ -1,7 +1,7 @@
 """OpenAI's speech API (`POST /v1/audio/speech`) as plain data and functions.
 
 Request validation, the mapping of OpenAI's knobs onto voxflow's (voices, speed, instructions),
-audio encoders and SSE events live here; `openai_http` only moves bytes.
+its response formats and SSE events live here; `openai_http` only moves bytes.
 
 Mapping rules (see docs/compatibility.md):
 - voice: an alias from `ServerConfig.voice_aliases`, else one of this server's voices, else an
@@ -16,18 +16,23 @@ from __future__ import annotations
 import base64
 import json
 import re
-import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
 
-import av
-import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ...errors import InvalidRequest, VoxflowError
 from ...voices.styles import PRESETS, SPEED_RANGE, Style
 from ..core.http import error_body, error_status
+from .audio_encoding import (
+    AudioFormat,
+    aac_format,
+    flac_format,
+    mp3_format,
+    ogg_opus_format,
+    pcm_format,
+    wav_format,
+)
 
 SAMPLE_RATE = 24_000  # OpenAI's rate for every format; pcm clients assume it without a header
 MAX_INPUT_CHARS = 4096
@@ -60,130 +65,18 @@ class SpeechBody(BaseModel):
     stream_format: str = "audio"
 
 
-# -- audio encoders -------------------------------------------------------------------------
-
-
-class Encoder(Protocol):
-    """Mono s16le PCM in, bytes of the response format out, as soon as they exist."""
-
-    def encode(self, pcm: bytes) -> bytes: ...
-
-    def finish(self) -> bytes: ...
-
-
-class PcmEncoder:
-    def __init__(self, sample_rate: int) -> None:
-        self.sample_rate = sample_rate
-
-    def encode(self, pcm: bytes) -> bytes:
-        return pcm
-
-    def finish(self) -> bytes:
-        return b""
-
-
-_UNKNOWN_SIZE = 0xFFFFFFFF
-
-
-def streaming_wav_header(sample_rate: int, channels: int = 1, sample_bytes: int = 2) -> bytes:
-    """A PCM WAV header for audio of unknown length.
-
-    The RIFF and data sizes are the largest values the fields hold, which readers take as
-    "until the end of the stream", the usual convention of servers that stream WAV.
-    """
-    block_align = channels * sample_bytes
-    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * block_align, block_align, 8 * sample_bytes)
-    return (
-        b"RIFF" + struct.pack("<I", _UNKNOWN_SIZE) + b"WAVE"
-        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-        + b"data" + struct.pack("<I", _UNKNOWN_SIZE)
-    )
-
-
-class WavEncoder:
-    def __init__(self, sample_rate: int) -> None:
-        self._header: bytes | None = streaming_wav_header(sample_rate)
-
-    def _take_header(self) -> bytes:
-        header, self._header = self._header or b"", None
-        return header
-
-    def encode(self, pcm: bytes) -> bytes:
-        return self._take_header() + pcm
-
-    def finish(self) -> bytes:
-        # Text with nothing to speak still yields a readable (empty) file.
-        return self._take_header()
-
-
-class _Collector:
-    """A write-only file for the muxer; what it wrote is taken after each packet."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self._parts.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        data = b"".join(self._parts)
-        self._parts.clear()
-        return data
-
-
-class AvEncoder:
-    """A codec in a container through FFmpeg (PyAV), written to a non-seekable sink.
-
-    Output that is not seekable makes the muxers write each packet (or page) as it is ready
-    instead of holding the file back for a seek-and-patch at the end.
-    """
-
-    def __init__(self, sample_rate: int, *, container: str, codec: str, options: dict[str, str]) -> None:
-        self.sample_rate = sample_rate
-        self._sink = _Collector()
-        self._container = av.open(self._sink, "w", format=container, container_options=options)
-        self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
-
-    def _mux(self, frame: av.AudioFrame | None) -> bytes:
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
-        return self._sink.take()
-
-    def encode(self, pcm: bytes) -> bytes:
-        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = self.sample_rate
-        return self._mux(frame)
-
-    def finish(self) -> bytes:
-        data = self._mux(None)
-        self._container.close()
-        return data + self._sink.take()
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    name: str
-    media_type: str
-    encoder: Callable[[int], Encoder]  # sample rate -> a fresh encoder
-
-
-def _av_format(name: str, media_type: str, container: str, codec: str, **options: str) -> AudioFormat:
-    return AudioFormat(name, media_type, lambda rate: AvEncoder(rate, container=container, codec=codec, options=options))
+# -- audio formats ---------------------------------------------------------------------------
 
 
 FORMATS: dict[str, AudioFormat] = {
     f.name: f
     for f in (
-        AudioFormat("pcm", "audio/pcm", PcmEncoder),
-        AudioFormat("wav", "audio/wav", WavEncoder),
-        # No ID3 tag or Xing frame: their lengths would be wrong in a stream written front to back.
-        _av_format("mp3", "audio/mpeg", "mp3", "libmp3lame", id3v2_version="0", write_xing="0"),
-        # Ogg pages of 100 ms instead of the muxer's 1 s, so audio leaves as it is made.
-        _av_format("opus", "audio/ogg", "ogg", "libopus", page_duration="100000"),
-        _av_format("aac", "audio/aac", "adts", "aac"),
-        _av_format("flac", "audio/flac", "flac", "flac"),
+        pcm_format("pcm"),
+        wav_format("wav"),
+        mp3_format("mp3"),
+        ogg_opus_format("opus"),
+        aac_format("aac"),
+        flac_format("flac"),
     )
 }
 
