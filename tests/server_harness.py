@@ -17,6 +17,7 @@ import uvloop
 from voxflow.config import AgentConfig, ServerConfig, Settings
 from voxflow.streaming.engine import Engine
 from voxflow.transports.app import ServerState, create_app
+from voxflow.transports.runner import check_tls
 
 
 def free_port() -> int:
@@ -27,8 +28,8 @@ def free_port() -> int:
 
 @dataclass
 class RunningServer:
-    http: str  # http://127.0.0.1:PORT
-    ws: str  # ws://127.0.0.1:PORT
+    http: str  # http://127.0.0.1:PORT (https:// with TLS)
+    ws: str  # ws://127.0.0.1:PORT (wss:// with TLS)
     state: ServerState
     server: uvicorn.Server = field(repr=False)
     loop: asyncio.AbstractEventLoop = field(repr=False)
@@ -85,9 +86,14 @@ def run_server(engine: Engine, *, agent: Mapping[str, Any] | None = None, **serv
     port = free_port()
     server_cfg = replace(ServerConfig(), **{"port": port, "cache_enabled": False, **server_options})
     settings = Settings(engine=engine.config, server=server_cfg, agent=replace(AgentConfig(), **(agent or {})))
+    check_tls(server_cfg)  # as runner.serve does
     app = create_app(settings, engine=engine)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", ws="websockets-sansio", lifespan="on", log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, loop="none", ws="websockets-sansio", lifespan="on", log_level="warning",
+        ssl_certfile=server_cfg.ssl_certfile or None, ssl_keyfile=server_cfg.ssl_keyfile or None,
+    )
     server = uvicorn.Server(config)
     loop = uvloop.new_event_loop()
+    http, ws = ("https", "wss") if server_cfg.ssl_certfile else ("http", "ws")
     with serving_in_thread(server, loop, server.serve(), f"voxflow-test-server-{port}"):
-        yield RunningServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", app.state.voxflow, server, loop)
+        yield RunningServer(f"{http}://127.0.0.1:{port}", f"{ws}://127.0.0.1:{port}", app.state.voxflow, server, loop)

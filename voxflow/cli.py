@@ -237,15 +237,19 @@ def cmd_voices(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_settings
-    from .transports.runner import serve
+    from .transports.runner import check_tls, serve
 
     settings = load_settings(
         args.config,
         engine=_engine_flags(args),
-        server={"host": args.host, "port": args.port, "mqtt_url": args.mqtt, "wyoming_url": args.wyoming},
+        server={"host": args.host, "port": args.port, "mqtt_url": args.mqtt, "wyoming_url": args.wyoming,
+                "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile, "zeroconf": args.zeroconf,
+                "zeroconf_name": args.zeroconf_name, "zeroconf_address": args.zeroconf_address},
     )
-    print(f"voxflow serving on http://{settings.server.host}:{settings.server.port} "
-          f"(WebSocket ws://{settings.server.host}:{settings.server.port}/v1/stream, docs /docs)", flush=True)
+    check_tls(settings.server)  # before the banner, which would claim a server that cannot start
+    http, ws = ("https", "wss") if settings.server.ssl_certfile else ("http", "ws")
+    address = f"{settings.server.host}:{settings.server.port}"
+    print(f"voxflow serving on {http}://{address} (WebSocket {ws}://{address}/v1/stream, docs /docs)", flush=True)
     serve(settings)
     return 0
 
@@ -400,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8765)")
     serve.add_argument("--mqtt", metavar="URL", help="also bridge an MQTT broker, e.g. mqtt://127.0.0.1:1883 (docs/mqtt.md)")
     serve.add_argument("--wyoming", metavar="URL", help="also serve Wyoming (Home Assistant), e.g. tcp://127.0.0.1:10200")
+    serve.add_argument("--zeroconf", action="store_true", default=None,
+                       help="announce the Wyoming server over mDNS so Home Assistant discovers it (off by default)")
+    serve.add_argument("--zeroconf-name", metavar="NAME", help="the announced name (default voxflow-HOSTNAME)")
+    serve.add_argument("--zeroconf-address", metavar="IP",
+                       help="the address to announce (default: the Wyoming host, or this machine's LAN address for 0.0.0.0)")
+    serve.add_argument("--ssl-certfile", metavar="FILE", help="serve https:// and wss:// with this PEM certificate (chain)")
+    serve.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's PEM private key, unencrypted")
     _engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -5,11 +5,13 @@ Later sources override earlier ones. Defaults serve a single machine out of the 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from .errors import InvalidRequest
 
@@ -80,6 +82,16 @@ class ServerConfig:
     webrtc_idle_timeout_seconds: float = 30.0  # a session whose peer has gone quiet is closed
     mqtt_url: str = ""  # e.g. mqtt://127.0.0.1:1883: run the MQTT bridge beside the HTTP server
     wyoming_url: str = ""  # e.g. tcp://127.0.0.1:10200: run a Wyoming server beside the HTTP server
+    # Announce the Wyoming server over mDNS (zeroconf) so Home Assistant discovers it. Off by
+    # default: announcing a service to the whole LAN is the user's decision, not a default.
+    zeroconf: bool = False
+    zeroconf_name: str = ""  # the service's instance name; empty: voxflow-<hostname>
+    # The address announced; empty: the Wyoming host, or this machine's LAN address when that
+    # host is a wildcard (0.0.0.0, ::). A loopback Wyoming host needs one given explicitly.
+    zeroconf_address: str = ""
+    # TLS for HTTP and WebSocket (https://, wss://): PEM files handed to uvicorn; both or neither.
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
     mqtt_prefix: str = "voxflow"  # topic prefix of the MQTT bridge (docs/mqtt.md)
     mqtt_username: str = ""
     mqtt_password: str = ""
@@ -196,4 +208,52 @@ def load_settings(
     )
     if not settings.server.loopback and not settings.server.api_keys:
         raise InvalidRequest(f"binding {settings.server.host} needs at least one API key (api_keys / VOXFLOW_API_KEYS)")
+    check_zeroconf(settings.server)
     return settings
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})  # a Wyoming host that listens on every interface
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def check_zeroconf(server: ServerConfig) -> None:
+    """Refuses, before anything starts, an announcement Home Assistant could not use: one for
+    no Wyoming TCP server, or one whose address only this machine can reach."""
+    if not server.zeroconf:
+        return
+    url = urlsplit(server.wyoming_url)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme != "tcp" or not port:
+        raise InvalidRequest("zeroconf announces the Wyoming server: it needs wyoming_url tcp://HOST:PORT with a port (--wyoming)")
+    name = server.zeroconf_name
+    if len(name.encode()) > 63 or "." in name or not name.isprintable():
+        raise InvalidRequest(f"zeroconf_name {name[:80]!r}: at most 63 bytes, printable, without dots (an mDNS label)")
+    if server.zeroconf_address:
+        address = _ip(server.zeroconf_address)
+        if address is None or address.is_unspecified:
+            raise InvalidRequest(f"zeroconf_address {server.zeroconf_address!r} is not an address a client can connect to")
+        if address.version == 6 and address.is_loopback:
+            raise InvalidRequest("zeroconf_address ::1: mDNS does not work on IPv6's loopback; announce 127.0.0.1")
+        return
+    host = url.hostname or ""
+    if host in WILDCARD_HOSTS:
+        return
+    address = _ip(host)
+    if host == "localhost" or (address is not None and address.is_loopback):
+        # Announced, a loopback address would send every other machine's Home Assistant to itself.
+        raise InvalidRequest(
+            f"zeroconf: the Wyoming server listens on {host}, which no other machine can reach; bind a LAN "
+            "address (e.g. --wyoming tcp://0.0.0.0:10200), or give the address to announce (zeroconf_address / "
+            "--zeroconf-address; 127.0.0.1 for a Home Assistant on this machine)"
+        )
+    if address is None:
+        raise InvalidRequest(f"zeroconf: the Wyoming host {host!r} is a name; give the address to announce (zeroconf_address / --zeroconf-address)")

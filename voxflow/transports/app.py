@@ -34,6 +34,7 @@ from .conversations import LiveConversation, agent_plugins
 from .elevenlabs_ws import install as install_elevenlabs
 from .core.http import error_response, install_error_handlers
 from .core.metrics import ServerMetrics
+from .core.request_id import RequestId
 from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
@@ -193,8 +194,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             allow_headers=["authorization", "content-type", "xi-api-key"],
         )
     install_error_handlers(app)
-    # Outermost, so nothing a hostile page sends reaches a route (or the CORS preflight logic).
+    # Outside CORS and the routes, so nothing a hostile page sends reaches a route (or the CORS
+    # preflight logic).
     app.add_middleware(BrowserGuard, config=settings.server)
+    # Outermost, so the guard's refusals carry an id too.
+    app.add_middleware(RequestId)
 
     @app.get("/health", summary="Readiness and load")
     async def health() -> JSONResponse:

@@ -1,4 +1,5 @@
-"""Run the app under uvicorn (uvloop, the websockets protocol) with a graceful SIGTERM.
+"""Run the app under uvicorn (uvloop, the websockets protocol) with a graceful SIGTERM, and
+with TLS when ServerConfig names a certificate.
 
 uvicorn on its own closes WebSockets at once on SIGTERM (1012). voxflow first stops taking
 new work, gives in-flight streams `grace_seconds` to finish, cancels the rest, and only then
@@ -10,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 import uvloop
 
-from ..config import Settings
+from ..config import ServerConfig, Settings
+from ..errors import InvalidRequest
 from .app import ServerState, create_app
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,7 +55,29 @@ class _ClientMistakesInBrief(logging.Filter):
         return True
 
 
+def _encrypted_key() -> NoReturn:
+    raise InvalidRequest("the TLS key file is encrypted; give an unencrypted key (ssl_keyfile)")
+
+
+def check_tls(server: ServerConfig) -> None:
+    """Refuses a TLS setting uvicorn could not use, before anything starts: uvicorn would report
+    an unusable file as a traceback, and prompt on the terminal for an encrypted key's password."""
+    if not server.ssl_certfile and not server.ssl_keyfile:
+        return
+    if not server.ssl_certfile or not server.ssl_keyfile:
+        raise InvalidRequest("TLS needs both a certificate and its key (ssl_certfile and ssl_keyfile / --ssl-certfile and --ssl-keyfile)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            server.ssl_certfile, server.ssl_keyfile, password=_encrypted_key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidRequest(
+            f"TLS certificate {server.ssl_certfile} with key {server.ssl_keyfile} cannot be used: {exc}"
+        ) from exc
+
+
 def serve(settings: Settings, on_ready: str | None = None) -> None:
+    check_tls(settings.server)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -68,6 +94,8 @@ def serve(settings: Settings, on_ready: str | None = None) -> None:
         # PCM barely compresses (about a fifth) and deflating every frame costs CPU per stream.
         ws_per_message_deflate=False,
         limit_concurrency=settings.server.max_connections,
+        ssl_certfile=settings.server.ssl_certfile or None,
+        ssl_keyfile=settings.server.ssl_keyfile or None,
     )
     server = _GracefulServer(config, app.state.voxflow)
     logging.getLogger("uvicorn.error").addFilter(_ClientMistakesInBrief())

@@ -2,7 +2,8 @@
 handler per connection moving events between `wyoming_protocol` and a ContextSet.
 
 Wyoming has no authentication, so a connection is admitted by its peer address alone, in the
-`wyoming` pool; the listener must be reachable by trusted hosts only.
+`wyoming` pool; the listener must be reachable by trusted hosts only. Home Assistant can find it
+by zeroconf when ServerConfig.zeroconf asks for that (zeroconf_announce.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 from wyoming.event import Event
 from wyoming.server import AsyncEventHandler, AsyncServer, AsyncTcpServer, AsyncUnixServer
 
+from ..config import check_zeroconf
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
 from ..streaming.events import AudioFrame, StreamEnd, StreamEvent
 from .core.admission import is_loopback
@@ -30,6 +32,7 @@ from .protocols.wyoming_protocol import (
     audio_chunk, audio_start, audio_stop, error_event, parse_event, parse_header, synthesize_stopped,
     voxflow_error_event,
 )
+from .zeroconf_announce import announce_wyoming
 
 if TYPE_CHECKING:
     from .app import ServerState  # app imports this module to install it
@@ -327,12 +330,20 @@ async def _serve(url: str, version: str, state: ServerState) -> AsyncIterator[No
     server = AsyncServer.from_uri(url)
     if not isinstance(server, (AsyncTcpServer, AsyncUnixServer)):
         raise ValueError(f"Wyoming URL must be tcp://HOST:PORT or unix://PATH, got {url!r}")
+    config = state.settings.server
+    check_zeroconf(config)  # again: settings made in code have not been through load_settings
     _warn_if_exposed(server, url)
     handlers: set[asyncio.Task[None]] = set()  # connections being served, to end at shutdown
     await server.start(partial(WyomingHandler, state, handlers, version))
     _LOGGER.info("Wyoming server listening on %s", url)
     try:
-        yield
+        # Announced once it listens, so Home Assistant finds it answering; the goodbye goes out
+        # before it stops, so none is sent to a server that has gone.
+        if config.zeroconf and isinstance(server, AsyncTcpServer):  # check_zeroconf allows tcp:// only
+            async with announce_wyoming(config, server.host, server.port):
+                yield
+        else:
+            yield
     finally:
         # Ends every connection; each handler then cancels its synthesis as on a disconnect.
         await server.stop()
