@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import ssl
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -202,3 +204,24 @@ def test_serve_with_tls_from_the_config_file_says_https_and_serves_it(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_elevenlabs_sdk_realtime_speaks_over_wss(
+    tls_server: RunningServer, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The SDK's convert_realtime always connects with wss:// and takes no SSL options; a
+    # certificate it trusts through the standard SSL_CERT_FILE is the only setting changed.
+    from elevenlabs import ElevenLabs
+
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    client = ElevenLabs(base_url=tls_server.http, api_key="unused-without-keys")
+    text = iter(["This answer ", "travelled over ", "TLS to the ", "ElevenLabs SDK."])
+    mp3 = b"".join(client.text_to_speech.convert_realtime(voice_id="21m00Tcm4TlvDq8ikWCM", text=text))
+    # Its default format, mp3_44100_128, decoded by FFmpeg.
+    with av.open(io.BytesIO(mp3)) as file:
+        pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in file.decode(audio=0)])
+        rate = file.streams.audio[0].rate
+    assert rate == 44100 and 1.5 < len(pcm) / rate < 8.0
+    assert float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) > 0.01
