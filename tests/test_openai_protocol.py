@@ -10,6 +10,7 @@ import wave
 import av
 import numpy as np
 import pytest
+import soundfile
 
 from voxflow.errors import LimitExceeded, VoxflowError
 from voxflow.transports.core.auth import Unauthorized
@@ -253,6 +254,12 @@ def test_the_streaming_wav_header_is_readable_and_of_unknown_length():
     with wave.open(io.BytesIO(header + pcm)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, SAMPLE_RATE)
         assert w.readframes(10**7) == pcm
+    # The other major decoders read every sample too (docs/compatibility.md says why these sizes).
+    samples, rate = soundfile.read(io.BytesIO(header + pcm), dtype="int16")
+    assert rate == SAMPLE_RATE and samples.tobytes() == pcm
+    with av.open(io.BytesIO(header + pcm)) as file:
+        decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in file.decode(audio=0)])
+    assert decoded.astype("<i2").tobytes() == pcm
 
 
 def test_pcm_passes_through():
