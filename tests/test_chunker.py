@@ -571,3 +571,22 @@ def test_pause_reports_text_once_and_restarts_the_size_rules() -> None:
     # a first chunk again: three words, where a later chunk would have ended at "Six,"
     assert texts(chunker.push("Six, seven eight nine ten")) == ["Six, seven eight"]
     assert chunker.end() == [TextChunk("nine ten", 3, True, Cut.SENTENCE)]
+
+
+def test_a_pause_inside_a_link_keeps_the_link_whole() -> None:
+    # Tokens stalled mid-URL: saying "the link" now and "com/a)" later would read the URL out.
+    chunker = TextChunker()
+    assert texts(chunker.push("Sure, this is [the link](https://exam")) == ["Sure, this is"]
+    # The stream still learns of the stall (an empty pause chunk), once.
+    assert chunker.pause() == [TextChunk("", 1, False, Cut.PAUSE)]
+    assert chunker.pause() == []
+    spoken = texts(chunker.push("ple.com/a) you asked for. ") + chunker.end())
+    assert " ".join(spoken).split() == "the link you asked for.".split()
+
+
+def test_a_pause_says_what_precedes_a_link_and_keeps_the_link() -> None:
+    chunker = TextChunker()
+    assert texts(chunker.push("One two three four [a")) == ["One two three"]
+    assert chunker.pause() == [TextChunk("four", 1, False, Cut.PAUSE)]
+    assert texts(chunker.push(" b](x) c")) == []
+    assert texts(chunker.end()) == ["a b c"]

@@ -201,8 +201,17 @@ class TextChunker:
 
         The next chunk is cut early again, like an utterance's first: the listener may be
         waiting. A pause chunk is emitted even without text, so the stream learns of the stall.
+        Inside a markdown link it stops where the link starts and keeps the link until it
+        closes: a cut there would speak the URL's tail ("com slash a") once the rest arrived.
         """
-        return self._emit_all(final=False, cut=Cut.PAUSE)
+        if not self._in_link():
+            return self._emit_all(final=False, cut=Cut.PAUSE)
+        cut_at = max(self._link_start, self._start)
+        self._emit(cut_at, final=False, cut=Cut.PAUSE, always=self._run > 0)
+        if cut_at > self._start:
+            self._start, self._at_line_start = cut_at, False
+        self._run = 0
+        return self._take()
 
     def _emit_all(self, *, final: bool, cut: Cut) -> list[TextChunk]:
         end = self._base + len(self._buf)
