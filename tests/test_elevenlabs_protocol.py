@@ -19,6 +19,7 @@ from voxflow.transports.protocols.elevenlabs_protocol import (
     ClientMessage,
     ElevenLabsError,
     VoiceSettings,
+    WrittenWords,
     audio_message,
     ends_sentence,
     error_message,
@@ -412,3 +413,41 @@ def test_alignment_invariants(case):
     rebuilt = (livekit_word_times if context_times else pipecat_word_times)(messages)
     assert [w for w, _ in rebuilt] == [w for w, _, _ in words]
     assert all(abs(ms - s * 1000) <= 1 for (_, ms), (_, s, _) in zip(rebuilt, words))
+
+
+# -- the client's own text in `alignment` -------------------------------------------------------
+
+
+def test_written_words_keep_the_clients_markup():
+    written = WrittenWords()
+    written.feed("Sure, **this** is [a link](https://x.example/z) and 👍 done.")
+    spoken = ["Sure,", "this", "is", "a", "link", "and", "done."]
+    assert [written.match(w) for w in spoken] == ["Sure,", "**this**", "is", "[a", "link](https://x.example/z)", "and", "done."]
+
+
+def test_written_words_arrive_in_pieces_and_repeat():
+    written = WrittenWords()
+    written.feed("the cat and the ")
+    assert [written.match(w) for w in ("the", "cat", "and")] == ["the", "cat", "and"]
+    written.feed("*dog*.")
+    # The second "the" is the one after "and", not the first again.
+    assert [written.match(w) for w in ("the", "dog")] == ["the", "*dog*."]
+    assert written.match("missing") == "missing"
+
+
+def test_a_word_far_ahead_is_not_taken_for_this_one():
+    written = WrittenWords()
+    written.feed("x " * 150 + "target")
+    assert written.match("target") == "target"
+    assert written.match("x") == "x"  # the text before was not consumed by the failed look
+
+
+def test_alignment_carries_written_text_and_normalized_the_spoken():
+    packer = AudioPacker(16000)
+    packer.add_word("Hello", 0.02, 0.3, written="**Hello**")
+    packer.add_word("there.", 0.35, 0.7)
+    packer.add_audio(0.0, bytes(2 * round(0.75 * 16000)))
+    messages = [audio_message(c) for c in packer.take(final=True)]
+    assert "".join(c for m in messages for c in m["alignment"]["chars"]) == "**Hello** there. "
+    assert "".join(c for m in messages for c in m["normalizedAlignment"]["chars"]) == "Hello there. "
+    assert pipecat_word_times(messages) == [("**Hello**", 20), ("there.", 350)]

@@ -182,6 +182,23 @@ async def test_two_contexts_interleaved_as_pipecat_drives_them(server):
     await nothing_left(server)
 
 
+async def test_alignment_has_the_written_text_and_normalized_alignment_the_spoken(server):
+    written = "Sure, **this** is [the link](https://example.com/a) you *asked* for."
+    # Tokens without auto_mode, as Pipecat streams them (its token mode turns auto_mode off).
+    async with open_socket(url(server, auto_mode="false"), key="any") as ws:
+        await send(ws, *({"text": t, "context_id": "md"} for t in gpt_like_tokens(written)))
+        await send(ws, {"context_id": "md", "flush": True}, {"context_id": "md", "close_context": True})
+        messages = [m for m in await until_final(ws, "md") if "audio" in m]
+
+    def text_of(field: str) -> str:
+        return " ".join("".join(c for m in messages if m[field] for c in m[field]["chars"]).split())
+
+    assert text_of("alignment") == written
+    assert "*" not in text_of("normalizedAlignment") and "https" not in text_of("normalizedAlignment")
+    # Pipecat reads `alignment` (no pronunciation dictionary): the words the LLM wrote, timed.
+    assert [w for w, _ in pipecat_word_times(messages)] == written.split()
+
+
 async def test_close_context_without_flush_stops_at_once_and_the_socket_carries_on(server):
     async with open_socket(url(server, auto_mode="false")) as ws:
         await send(ws, {"text": " ", "context_id": "long"}, {"text": PARAGRAPH * 3, "context_id": "long"})

@@ -33,6 +33,7 @@ from .protocols.elevenlabs_protocol import (
     ConnectionOptions,
     ElevenLabsError,
     VoiceSettings,
+    WrittenWords,
     audio_message,
     ends_sentence,
     error_message,
@@ -89,6 +90,7 @@ class _Sender:
         self._multi = multi
         self._send_timeout = socket.send_timeout
         self._packers: dict[str, AudioPacker] = {}
+        self._written: dict[str, WrittenWords] = {}  # per context, what the client sent
         self._discarded: set[str] = set()  # cancelled contexts: their remaining audio must not go out
         self._queue: deque[dict | _Finish | _Close] = deque()
         self._wake = asyncio.Event()
@@ -115,13 +117,18 @@ class _Sender:
         if packer is None:
             packer = self._packers[event.context_id] = self._new_packer()
         if isinstance(event, WordTimestamp):
-            packer.add_word(event.word, event.start, event.end)
+            written = self._written.get(event.context_id)
+            packer.add_word(event.word, event.start, event.end, written.match(event.word) if written else None)
             return
         packer.add_audio(event.pts, event.pcm)
         self._wake.set()
         while packer.buffered_seconds > _HIGH_WATER_SECONDS and self._packers.get(event.context_id) is packer:
             await self._progress.wait()
             self._check()
+
+    def text(self, context_id: str, text: str) -> None:
+        """Text the client sent a context, for the `alignment` of its words."""
+        self._written.setdefault(context_id, WrittenWords()).feed(text)
 
     def send(self, payload: dict) -> None:
         self._check()
@@ -136,6 +143,7 @@ class _Sender:
     def discard(self, context_id: str) -> None:
         self._discarded.add(context_id)
         self._packers.pop(context_id, None)
+        self._written.pop(context_id, None)
 
     async def finish(self, end: StreamEnd, close_code: int | None) -> None:
         """The context's remaining audio (none unless it ended well), then isFinal, then on
@@ -204,6 +212,7 @@ class _Sender:
     async def _finish(self, item: _Finish) -> None:
         end, label = item.end, self._label(item.end.context_id)
         packer = self._packers.pop(end.context_id, None)
+        self._written.pop(end.context_id, None)
         self._discarded.discard(end.context_id)
         if packer is not None:
             for chunk in packer.take(final=True):
@@ -473,6 +482,7 @@ class _Session:
         if state is None or state.ended:
             raise StreamClosed("the stream has ended")
         if text:
+            self.sender.text(context_id, text)  # before its words can come back
             await self.contexts.push(context_id, text)
             state.flushed = False
         if flush or (text and self.options.auto_mode and ends_sentence(text)):

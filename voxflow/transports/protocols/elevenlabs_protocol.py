@@ -18,6 +18,7 @@ import base64
 import json
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -273,7 +274,8 @@ class Alignment:
 class AudioChunk:
     audio: bytes  # in the connection's output format
     samples: int  # PCM samples that went into it (an encoder may hold some back for the next)
-    alignment: Alignment
+    alignment: Alignment  # the words as the client wrote them
+    normalized: Alignment  # the words as spoken, after voxflow's text cleanup
 
 
 @dataclass
@@ -282,6 +284,50 @@ class _Char:
     start: float  # seconds on the stream's timeline
     end: float | None  # None: a space whose end is the next word's start, not known yet
     starts_word: bool = False
+
+
+class _CharTrack:
+    """One alignment's characters still to send: the words as spoken, or as the client wrote
+    them. Both tracks get the same words at the same times, so they are cut alike."""
+
+    def __init__(self) -> None:
+        self.chars: deque[_Char] = deque()
+        self.sent = False  # some character has gone out
+        self.in_word = False  # the characters sent so far end inside a word
+
+    def add(self, word: str, start: float, end: float) -> None:
+        if self.chars and self.chars[-1].end is None:
+            self.chars[-1].end = start
+        step = (end - start) / len(word)
+        self.chars.extend(_Char(ch, start + i * step, start + (i + 1) * step, i == 0) for i, ch in enumerate(word))
+        self.chars.append(_Char(" ", end, None))
+
+    def take(self, t0: float, t1: float, starts_before: Callable[[float], bool], origin_ms: int | None, final: bool) -> Alignment:
+        """The characters starting in [t0, t1) (all that are left when final). origin_ms None:
+        times per message, the message's characters made to reach its end (AudioPacker)."""
+        own = bool(self.chars) and (final or starts_before(self.chars[0].start))
+        if not own and origin_ms is None:
+            following = self.chars[0] if self.chars else None
+            if following is not None and not following.starts_word:
+                following.start = t0
+            elif self.sent and not self.in_word:
+                self.chars.appendleft(_Char(" ", t0, None if following is None else following.start))
+        origin = round(t0 * 1000) if origin_ms is None else origin_ms
+        chars, starts, durations = [], [], []
+        while self.chars and (final or starts_before(self.chars[0].start)):
+            c = self.chars.popleft()
+            start = min(max(c.start, t0), t1)
+            # The message's last character runs to its end: the next one starts in a later
+            # message, maybe a fraction of a sample before this cut (cuts fall on samples).
+            last = not final and not (self.chars and starts_before(self.chars[0].start))
+            stop = t1 if c.end is None or last else min(max(c.end, start), t1)
+            start_ms, stop_ms = round(start * 1000), round(stop * 1000)
+            chars.append(c.char)
+            starts.append(start_ms - origin)
+            durations.append(stop_ms - start_ms)
+            self.in_word = c.char != " "
+            self.sent = True
+        return Alignment(tuple(chars), tuple(starts), tuple(durations))
 
 
 class AudioPacker:
@@ -316,26 +362,23 @@ class AudioPacker:
         self._pcm = bytearray()
         self._start: int | None = None  # stream sample index of _pcm[0]
         self._origin_ms: int | None = None  # the context's first audio, for context_times
-        self._chars: deque[_Char] = deque()
+        self._spoken, self._written = _CharTrack(), _CharTrack()
         self._word_starts: deque[int] = deque()  # stream sample index of each word start not yet sent
         self._last_end = 0.0
-        self._sent_chars = False
-        self._in_word = False  # the characters sent so far end inside a word
 
     @property
     def buffered_seconds(self) -> float:
         return len(self._pcm) / 2 / self.sample_rate
 
-    def add_word(self, word: str, start: float, end: float) -> None:
+    def add_word(self, word: str, start: float, end: float, written: str | None = None) -> None:
+        """`word` as spoken (normalizedAlignment); `written`, the client's own text for it
+        (alignment), where that differs."""
         if not word:
             return
         start = max(start, self._last_end)
         end = max(end, start)
-        if self._chars and self._chars[-1].end is None:
-            self._chars[-1].end = start
-        step = (end - start) / len(word)
-        self._chars.extend(_Char(ch, start + i * step, start + (i + 1) * step, i == 0) for i, ch in enumerate(word))
-        self._chars.append(_Char(" ", end, None))
+        self._spoken.add(word, start, end)
+        self._written.add(written or word, start, end)
         self._word_starts.append(self._sample(start))
         self._last_end = end
 
@@ -353,9 +396,9 @@ class AudioPacker:
         """The buffered audio as messages (some may be held back, see the class). final: the
         context has ended, so everything goes, with the encoder's tail and any characters left."""
         samples = len(self._pcm) // 2
-        if samples == 0 and not (final and self._chars):
+        if samples == 0 and not (final and self._spoken.chars):
             tail = self._encoder.finish() if final else b""
-            return [AudioChunk(tail, 0, Alignment())] if tail else []
+            return [AudioChunk(tail, 0, Alignment(), Alignment())] if tail else []
         start = self._start or 0
         cuts = self._cuts(start, samples)
         if not self._context_times:
@@ -366,7 +409,8 @@ class AudioPacker:
             audio = self._encoder.encode(bytes(self._pcm[2 * begin : 2 * end]))
             if last:
                 audio += self._encoder.finish()
-            chunks.append(AudioChunk(audio, end - begin, self._align(start + begin, start + end, last)))
+            written, spoken = self._align(start + begin, start + end, last)
+            chunks.append(AudioChunk(audio, end - begin, written, spoken))
             begin = end
         del self._pcm[: 2 * begin]
         self._start = start + begin
@@ -396,40 +440,55 @@ class AudioPacker:
     def _carried(self, start: int, cuts: list[int], final: bool) -> list[int]:
         """The cuts whose messages can carry a character (per-message times): a message before
         the first word's start merges into the next one, or waits when it is the last."""
-        if self._sent_chars:
+        if self._spoken.sent:
             return cuts  # from the first word on, every message has a character to carry
-        first = next((c for c in self._chars if c.starts_word), None)
+        first = next((c for c in self._spoken.chars if c.starts_word), None)
         reach = None if first is None else self._sample(first.start) - start
         kept = [end for end in cuts if reach is not None and end > reach]
         if final:
             return kept if kept and kept[-1] == cuts[-1] else [*kept, cuts[-1]]
         return kept
 
-    def _align(self, begin: int, end: int, final: bool) -> Alignment:
+    def _align(self, begin: int, end: int, final: bool) -> tuple[Alignment, Alignment]:
+        """(written, spoken) alignment of the message [begin, end) in stream samples."""
         t0, t1 = begin / self.sample_rate, end / self.sample_rate
-        chars, starts, durations = [], [], []
-        own = bool(self._chars) and (final or self._sample(self._chars[0].start) < end)
-        if not (own or self._context_times):
-            # No character starts here: keep the per-message clock whole (see the class).
-            following = self._chars[0] if self._chars else None
-            if following is not None and not following.starts_word:
-                following.start = t0
-            elif self._sent_chars and not self._in_word:
-                self._chars.appendleft(_Char(" ", t0, None if following is None else following.start))
-        origin_ms = (self._origin_ms or 0) if self._context_times else round(t0 * 1000)
+        origin_ms = (self._origin_ms or 0) if self._context_times else None
+
         # Compared in samples, rounded as the word starts are, so a cut at a word start
         # leaves that word wholly in the next message.
-        while self._chars and (final or self._sample(self._chars[0].start) < end):
-            c = self._chars.popleft()
-            start = min(max(c.start, t0), t1)
-            stop = t1 if c.end is None else min(max(c.end, start), t1)
-            start_ms, stop_ms = round(start * 1000), round(stop * 1000)
-            chars.append(c.char)
-            starts.append(start_ms - origin_ms)
-            durations.append(stop_ms - start_ms)
-            self._in_word = c.char != " "
-            self._sent_chars = True
-        return Alignment(tuple(chars), tuple(starts), tuple(durations))
+        def starts_before(seconds: float) -> bool:
+            return self._sample(seconds) < end
+
+        return tuple(track.take(t0, t1, starts_before, origin_ms, final) for track in (self._written, self._spoken))
+
+
+class WrittenWords:
+    """The client's own text for each spoken word, for `alignment` (`normalizedAlignment` has
+    the words as spoken). Text cleanup drops markup and shortens links but keeps the words, so
+    a spoken word is found in what the client sent and stands for the whole whitespace-separated
+    token around it: "**Hello**" for Hello. A word not found (an emoji dropped, a symbol spoken)
+    stands for itself."""
+
+    # How far ahead a spoken word is looked for: past it, a match is more likely another
+    # occurrence of the word than this one.
+    _REACH = 200
+
+    def __init__(self) -> None:
+        self._text = ""
+
+    def feed(self, text: str) -> None:
+        self._text += text
+
+    def match(self, word: str) -> str:
+        at = self._text.find(word, 0, self._REACH + len(word))
+        if at < 0:
+            return word
+        begin = max(self._text.rfind(ch, 0, at) for ch in " \t\n") + 1
+        end = at + len(word)
+        while end < len(self._text) and not self._text[end].isspace():
+            end += 1
+        written, self._text = self._text[begin:end], self._text[end:]
+        return written
 
 
 # -- server messages --------------------------------------------------------------------------
@@ -442,14 +501,16 @@ def _with_context(body: dict[str, Any], context_id: str | None) -> dict[str, Any
 
 
 def audio_message(chunk: AudioChunk, context_id: str | None = None, *, sync_alignment: bool = False) -> dict[str, Any]:
-    """`normalizedAlignment` repeats `alignment`: voxflow speaks the (cleaned) text it aligns.
-    A message without characters carries null alignments, or empty ones with sync_alignment."""
-    alignment = chunk.alignment.to_json() if chunk.alignment.chars or sync_alignment else None
+    """A message without characters carries null alignments, or empty ones with sync_alignment."""
+
+    def alignment(a: Alignment) -> dict[str, list] | None:
+        return a.to_json() if chunk.normalized.chars or sync_alignment else None
+
     body = {
         "audio": base64.b64encode(chunk.audio).decode("ascii"),
         "isFinal": False,
-        "normalizedAlignment": alignment,
-        "alignment": alignment,
+        "normalizedAlignment": alignment(chunk.normalized),
+        "alignment": alignment(chunk.alignment),
     }
     return _with_context(body, context_id)
 
