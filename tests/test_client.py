@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import wave
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -34,15 +36,20 @@ from voxflow.client import (
 from voxflow.errors import StreamClosed, VoxflowError
 from voxflow.streaming.tokens import gpt_like_tokens, paced
 from voxflow.transports.protocols.native_protocol import (
+    AudioPacket,
     Cancel,
+    ClientMessage,
     End,
     Limits,
     Ready,
+    ServerMessage,
     Start,
     Started,
     Text,
     pack_audio,
     parse_client,
+    parse_server,
+    serialize_client,
     serialize_server,
 )
 
@@ -72,6 +79,49 @@ async def events_of(ctx: AsyncIterator[Event]) -> list[Event]:
 
 def plain_words(text: str) -> list[str]:
     return [w.strip(",.!?;:").lower() for w in text.split()]
+
+
+@dataclass
+class Wire:
+    """The messages SDK clients sent and received while `tap_wire` ran, in order."""
+
+    sent: list[ClientMessage] = field(default_factory=list)
+    received: list[ServerMessage | AudioPacket] = field(default_factory=list)
+
+    def of(self, context: str) -> list[ServerMessage | AudioPacket]:
+        """The server's messages for one context."""
+        return [m for m in self.received if getattr(m, "context", None) == context]
+
+
+@contextlib.contextmanager
+def tap_wire() -> Iterator[Wire]:
+    """Record what every SDK client exchanges with its server: for tests of code built on the
+    SDK (the framework plugins), which check what they pass on against what the server sent."""
+    wire = Wire()
+
+    def parse(data: str | bytes) -> ServerMessage | AudioPacket:
+        wire.received.append(message := parse_server(data))
+        return message
+
+    def serialize(message: ClientMessage) -> str | bytes:
+        wire.sent.append(message)
+        return serialize_client(message)
+
+    with (
+        mock.patch.object(client_module, "parse_server", parse),
+        mock.patch.object(client_module, "serialize_client", serialize),
+    ):
+        yield wire
+
+
+async def drop_connections(server: server_harness.RunningServer) -> None:
+    """Abort every connection the server holds, as a network failure would (no closing handshake)."""
+
+    async def drop() -> None:
+        for protocol in list(server.server.server_state.connections):
+            protocol.transport.abort()
+
+    await asyncio.to_thread(server.call, drop)
 
 
 # -- no server --------------------------------------------------------------------------------
