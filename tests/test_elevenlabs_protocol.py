@@ -130,9 +130,12 @@ ELEVENLABS_FORMATS = (
 
 
 def test_every_elevenlabs_output_format_is_known():
+    from elevenlabs.types.non_streaming_output_formats import NonStreamingOutputFormats
     from elevenlabs.types.text_to_speech_output_format_enum import TextToSpeechOutputFormatEnum
 
     assert set(typing.get_args(typing.get_args(TextToSpeechOutputFormatEnum)[0])) <= set(ELEVENLABS_FORMATS)
+    for name in typing.get_args(typing.get_args(NonStreamingOutputFormats)[0]):  # wav_8000 ... wav_48000
+        assert parse_query({"output_format": name}).output_format.audio.media_type == "audio/wav"
     for name in ELEVENLABS_FORMATS:
         fmt = parse_query({"output_format": name}).output_format
         assert fmt.name == name and fmt.sample_rate == int(name.split("_")[1])
@@ -162,7 +165,7 @@ def test_encoded_formats_decode_to_the_same_sound(name):
     assert abs(np.argmax(spectrum) * 2 - 440) <= 4
 
 
-@pytest.mark.parametrize("value", ["mp3_44100_100", "opus_24000_64", "wav_44100", "pcm_11025", "pcm_", "pcm_abc", "pcm_²"])
+@pytest.mark.parametrize("value", ["mp3_44100_100", "opus_24000_64", "wav_11025", "pcm_11025", "pcm_", "pcm_abc", "pcm_²"])
 def test_other_output_formats_are_refused_clearly(value):
     with pytest.raises(ElevenLabsError) as caught:
         parse_query({"output_format": value})

@@ -16,13 +16,9 @@ import numpy as np
 import pytest
 from livekit.agents import APIConnectOptions
 from livekit.plugins import elevenlabs as livekit_elevenlabs
-from pipecat.frames.frames import EndFrame, Frame, TTSAudioRawFrame, TTSSpeakFrame, TTSStoppedFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
-from pipecat.workers.runner import WorkerRunner
 
+from pipecat_runner import speak_through
 from voxflow.transports.protocols import elevenlabs_protocol
 from voxflow.transports.protocols.elevenlabs_protocol import AudioPacker
 
@@ -56,9 +52,9 @@ def spoken(monkeypatch) -> dict[int, SpokenContext]:
     def recorded(packer: AudioPacker) -> SpokenContext:
         return contexts.setdefault(id(packer), SpokenContext())
 
-    def spy_word(self, word, start, end):
-        recorded(self).words.append((word, start))
-        add_word(self, word, start, end)
+    def spy_word(self, word, start, end, written=None):
+        recorded(self).words.append((written or word, start))
+        add_word(self, word, start, end, written)
 
     def spy_audio(self, pts, pcm):
         context = recorded(self)
@@ -77,21 +73,6 @@ def assert_words_match(rebuilt: list[tuple[str, float]], truth: list[tuple[str, 
 
 
 # -- Pipecat ----------------------------------------------------------------------------------
-
-
-class _Collector(FrameProcessor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio = bytearray()
-        self.stopped = asyncio.Event()
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if isinstance(frame, TTSAudioRawFrame):
-            self.audio += frame.audio
-        elif isinstance(frame, TTSStoppedFrame):
-            self.stopped.set()
-        await self.push_frame(frame, direction)
 
 
 class _TimedElevenLabs(ElevenLabsTTSService):
@@ -113,32 +94,10 @@ async def test_pipecat_elevenlabs_service_gets_audio_and_word_times(server, spok
         url=server.ws,
         settings=ElevenLabsTTSService.Settings(voice=VOICE_ID, model="eleven_flash_v2_5"),
     )
-    collector = _Collector()
-    worker = PipelineWorker(
-        Pipeline([tts, collector]), cancel_on_idle_timeout=False,
-        params=PipelineParams(audio_out_sample_rate=24000),
-    )
-    started = asyncio.Event()
-
-    @worker.event_handler("on_pipeline_started")
-    async def _on_started(worker, frame):
-        started.set()
-
-    runner = WorkerRunner()
-    await runner.add_workers(worker)
-    running = asyncio.create_task(runner.run())
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            await started.wait()
-            await worker.queue_frame(TTSSpeakFrame(REPLY))
-            await collector.stopped.wait()
-            await worker.queue_frame(EndFrame())
-            await running
-    finally:
-        running.cancel()
+    audio = await speak_through(tts, REPLY, 24000, TIMEOUT)
 
     [context] = spoken.values()
-    seconds = len(collector.audio) / 2 / 24000
+    seconds = len(audio) / 2 / 24000
     assert seconds > 5
     truth = context.word_times()
     assert truth[-1][1] < seconds

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from ...errors import InvalidRequest
 from ...streaming.framing import OUTPUT_RATES
 from ...voices.styles import EXPRESSIVENESS_RANGE, SPEED_RANGE, Style
-from .audio_encoding import AudioFormat, Encoder, PcmEncoder, g711_format, mp3_format, ogg_opus_format, pcm_format
+from .audio_encoding import AudioFormat, Encoder, PcmEncoder, g711_format, mp3_format, ogg_opus_format, pcm_format, wav_format
 from .json_text import InvalidJson, loads_object
 
 # ElevenLabs puts the WebSocket close code it uses (1008, policy violation) in `code`.
@@ -79,6 +79,9 @@ def _output_formats() -> dict[str, OutputFormat]:
         name = f"opus_48000_{kbps}"
         formats.append(OutputFormat(name, 48000, ogg_opus_format(name, kbps * 1000)))
     formats += [OutputFormat(f"{law}_8000", 8000, g711_format(f"{law}_8000", law)) for law in ("ulaw", "alaw")]
+    # ElevenLabs offers WAV on its whole-file endpoints only; here it is the streamed WAV of the
+    # OpenAI endpoint (sizes unknown, read to the end), on every endpoint.
+    formats += [OutputFormat(f"wav_{rate}", rate, wav_format(f"wav_{rate}")) for rate in OUTPUT_RATES]
     return {f.name: f for f in formats}
 
 
