@@ -4,18 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxflow-installed
 PYTEST_ARGS ?=
-# Debian packages the tests drive for real: Chromium (browser end-to-end), mosquitto (MQTT).
-SYSTEM_PACKAGES := chromium mosquitto mosquitto-clients
+# Debian packages the tests drive for real: Chromium (browser end-to-end), mosquitto (MQTT),
+# HAProxy (replicas behind a load balancer, deploy/haproxy.cfg).
+SYSTEM_PACKAGES := chromium mosquitto mosquitto-clients haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages run demo test bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned on its own: an unpinned resolve would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+$(STAMP): pyproject.toml deploy/install.sh
+	# torch pinned, first and on its own, then the project: the Dockerfile runs the same script.
+	PYTHON=$(PYTHON) sh deploy/install.sh $(VENV) -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from voxflow.config import ServerConfig
-from voxflow.errors import AtCapacity
+from voxflow.config import ServerConfig, load_settings
+from voxflow.errors import AtCapacity, InvalidRequest
 from voxflow.transports.core.admission import Admission, Draining, PoolLimits
 from voxflow.transports.core.auth import RateLimited, Unauthorized
 
@@ -84,3 +84,52 @@ async def test_until_empty_returns_when_the_last_place_is_given_back():
     assert not waiter.done()
     ticket.release()
     await asyncio.wait_for(waiter, timeout=5)
+
+
+BEHIND_PROXY = ServerConfig(requests_per_second=0, trusted_proxies=("10.0.0.5", "10.1.0.0/16"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        ("10.0.0.5", ["203.0.113.7"], "203.0.113.7"),  # the proxy names the client
+        ("10.0.0.5", ["198.51.100.1, 203.0.113.7"], "203.0.113.7"),  # what the client wrote itself is not believed
+        ("10.0.0.5", ["198.51.100.1", "203.0.113.7"], "203.0.113.7"),  # nor on a header line of its own
+        ("10.0.0.5", ["203.0.113.7, 10.1.2.3"], "203.0.113.7"),  # through two trusted proxies
+        ("10.0.0.5", ["10.1.2.3"], "10.1.2.3"),  # nothing but proxies: the farthest one
+        ("10.0.0.5", ["203.0.113.7, not-an-address"], "10.0.0.5"),  # no address after the proxy: the proxy
+        ("10.0.0.5", [], "10.0.0.5"),  # no header: the proxy itself
+        ("10.0.0.5", ["2001:DB8::1"], "2001:db8::1"),
+        ("::ffff:10.0.0.5", ["203.0.113.7"], "203.0.113.7"),  # the proxy as an IPv4-mapped address
+        ("203.0.113.9", ["198.51.100.1"], "203.0.113.9"),  # from any other peer the header is ignored
+        ("10.2.0.1", ["198.51.100.1"], "10.2.0.1"),
+    ],
+)
+def test_x_forwarded_for_names_the_client_only_from_a_trusted_proxy(peer, forwarded_for, client):
+    a = admission(BEHIND_PROXY)
+    assert a.identify(None, peer, forwarded_for).name == client
+    assert a.anonymous(peer, forwarded_for).name == client
+
+
+def test_without_trusted_proxies_the_header_is_ignored_even_from_loopback():
+    a = admission(ServerConfig(requests_per_second=0))
+    spoofed = a.identify(None, "127.0.0.1", ["203.0.113.7"])
+    assert spoofed.name == "127.0.0.1" and not spoofed.capped
+
+
+def test_clients_behind_a_trusted_proxy_each_get_their_own_caps():
+    a = admission(BEHIND_PROXY, total=3, per_identity=1)
+    first = a.identify("chosen-by-the-client", "10.0.0.5", ["203.0.113.7"])
+    a.admit(first, "socket")
+    with pytest.raises(AtCapacity, match="per client"):
+        a.admit(a.identify(None, "10.0.0.5", ["198.51.100.1, 203.0.113.7"]), "socket")
+    a.admit(a.identify(None, "10.0.0.5", ["203.0.113.8"]), "socket")  # another client, another cap
+
+
+def test_trusted_proxies_must_be_addresses_or_networks():
+    with pytest.raises(InvalidRequest, match="trusted_proxies"):
+        load_settings(env={"VOXFLOW_TRUSTED_PROXIES": "10.0.0.0/8,proxy.example"})
+    with pytest.raises(InvalidRequest, match="trusted_proxies"):
+        Admission(replace(ServerConfig(), trusted_proxies=("10.0.0.0/33",)), {})
+    settings = load_settings(env={"VOXFLOW_TRUSTED_PROXIES": "10.0.0.5, 10.1.0.0/16"})
+    assert settings.server.trusted_proxies == ("10.0.0.5", "10.1.0.0/16")

@@ -45,7 +45,8 @@ def serve_process(tmp_path):
 
 async def test_sigterm_lets_in_flight_speech_finish_then_closes_1001(serve_process):
     proc, port = serve_process
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(120), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        assert (await http.get("/health/ready")).status_code == 200
         async with connect(f"ws://127.0.0.1:{port}/v1/stream", max_size=None) as ws:
             await ws.recv()  # ready
             await ws.send(serialize_client(Start(context="a")))
@@ -56,6 +57,13 @@ async def test_sigterm_lets_in_flight_speech_finish_then_closes_1001(serve_proce
                 if isinstance(parse_server(await ws.recv()), AudioPacket):
                     frames += 1
             proc.send_signal(signal.SIGTERM)
+            # Not ready from the start of the drain, so a load balancer sends new work elsewhere,
+            # while the stream in flight is still being spoken and the process still answers.
+            while (ready := await http.get("/health/ready")).status_code == 200:
+                await asyncio.sleep(0.01)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            assert (await http.get("/health")).json()["active_streams"] == 1
+            assert (await http.get("/health/live")).status_code == 200
             try:
                 async for data in ws:
                     msg = parse_server(data)

@@ -308,7 +308,7 @@ class _Session:
         key = presented_key(self.socket.ws.headers) or self.options.api_key
         if key is not None or not admission.keys:
             return self._admit_key(key), None
-        with admission.admit(admission.anonymous(self.socket.peer), "handshake", rate=False):
+        with admission.admit(admission.anonymous(self.socket.peer, self.socket.forwarded_for), "handshake", rate=False):
             try:
                 async with asyncio.timeout(self.config.auth_timeout_seconds):
                     raw = await self.socket.receive()

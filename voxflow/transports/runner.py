@@ -94,6 +94,9 @@ def serve(settings: Settings, on_ready: str | None = None) -> None:
         # PCM barely compresses (about a fifth) and deflating every frame costs CPU per stream.
         ws_per_message_deflate=False,
         limit_concurrency=settings.server.max_connections,
+        # uvicorn would believe X-Forwarded-For from any loopback peer; Admission believes it
+        # from `trusted_proxies` only (none by default).
+        proxy_headers=False,
         ssl_certfile=settings.server.ssl_certfile or None,
         ssl_keyfile=settings.server.ssl_keyfile or None,
     )

@@ -17,8 +17,7 @@ from prometheus_client import Gauge
 
 from ..errors import VoxflowError
 from .core.admission import Identity, Ticket
-from .core.auth import presented_key
-from .core.http import read_body
+from .core.http import identify_request, read_body
 from .protocols.json_text import InvalidJson, loads_object
 from .webrtc.signaling import InvalidSdp, check_offer, enable_loopback_candidates
 from .webrtc.session import WebRTCSession
@@ -94,12 +93,9 @@ def install(app: FastAPI, state: ServerState) -> None:
 
     app.router.lifespan_context = lifespan
 
-    def identity_of(request: Request) -> Identity:
-        return state.admission.identify(presented_key(request.headers), request.client.host if request.client else None)
-
     @app.post("/v1/webrtc/offer", summary="Start a WebRTC session: an SDP offer in, the answer out")
     async def offer(request: Request) -> Response:
-        identity = identity_of(request)
+        identity = identify_request(state.admission, request)
         raw = await read_body(request, MAX_OFFER_BYTES, config.send_timeout_seconds)
         try:
             body = loads_object(raw)
@@ -112,10 +108,15 @@ def install(app: FastAPI, state: ServerState) -> None:
         except BaseException:
             await session.close()
             raise
-        return JSONResponse({"sdp": answer, "type": "answer", "session_id": session.id})
+        # Location names the session for a load balancer too: deploy/haproxy.cfg keys its
+        # stickiness on it, so the session's DELETE reaches this replica, which holds it.
+        return JSONResponse(
+            {"sdp": answer, "type": "answer", "session_id": session.id},
+            headers={"Location": f"/v1/webrtc/sessions/{session.id}"},
+        )
 
     @app.delete("/v1/webrtc/sessions/{session_id}", status_code=204, summary="End a WebRTC session")
     async def delete(session_id: str, request: Request) -> Response:
-        session = registry.get(session_id, identity_of(request))
+        session = registry.get(session_id, identify_request(state.admission, request))
         await session.close()
         return Response(status_code=204)

@@ -4,7 +4,9 @@ Every carrier admits its clients here and nowhere else:
 
 1. `identify` checks the key a client presented (constant time) and names the client: the key
    where keys are configured, else its address (a client-chosen key must not let it escape its
-   address's limits).
+   address's limits). The address is the connection's peer, or, where that peer is one of
+   `trusted_proxies`, the client that proxy names in X-Forwarded-For (`client_address`); from
+   any other peer the header is ignored, so a client cannot name itself.
 2. `admit(identity, pool)` counts the client against its pool — a global cap and a cap per
    identity — and returns a `Ticket` that gives the place back exactly once. Nothing is counted
    before the key is checked, so clients without a key cannot take the places of those with one.
@@ -23,11 +25,15 @@ import hmac
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from ...config import ServerConfig
+from ...config import ServerConfig, proxy_networks
 from ...errors import AtCapacity, VoxflowError
 from .auth import RateLimiter, Unauthorized
+
+
+# The header a reverse proxy names the client in; believed only from `trusted_proxies`.
+FORWARDED_FOR = "x-forwarded-for"
 
 
 class Draining(VoxflowError):
@@ -91,6 +97,7 @@ class Ticket:
 class Admission:
     def __init__(self, config: ServerConfig, limits: Mapping[str, PoolLimits]) -> None:
         self.keys = config.api_keys
+        self.trusted_proxies = proxy_networks(config.trusted_proxies)
         self.limits = dict(limits)
         self.limiter = RateLimiter(config.requests_per_second)
         self.draining = False
@@ -98,8 +105,10 @@ class Admission:
         self._per_identity: Counter[tuple[str, str]] = Counter()
         self._released = asyncio.Event()
 
-    def identify(self, key: str | None, peer: str | None) -> Identity:
-        """Check a presented key (raises Unauthorized) and name the client."""
+    def identify(self, key: str | None, peer: str | None, forwarded_for: Sequence[str] = ()) -> Identity:
+        """Check a presented key (raises Unauthorized) and name the client. `forwarded_for`: the
+        connection's X-Forwarded-For header lines, in order (see `client_address`)."""
+        peer = self.client_address(peer, forwarded_for)
         if not self.keys:
             return self.anonymous(peer)
         # Compared as UTF-8 bytes: a key that cannot be encoded (a lone surrogate) is simply wrong.
@@ -113,10 +122,33 @@ class Admission:
         own authentication): per-client caps bind it."""
         return Identity(f"device:{name}", f"device:{name}", keyed=True)
 
-    def anonymous(self, peer: str | None) -> Identity:
+    def anonymous(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> Identity:
         """A client known only by its address (it has not sent its key yet)."""
-        peer = peer or "unknown"
+        peer = self.client_address(peer, forwarded_for) or "unknown"
         return Identity(peer, peer, keyed=False)
+
+    def client_address(self, peer: str | None, forwarded_for: Sequence[str] = ()) -> str | None:
+        """The address a client connects from: the connection's peer, unless that peer is a
+        trusted proxy. Then X-Forwarded-For is read from its right end, where each proxy appends
+        the peer it saw: the first hop that is not itself a trusted proxy is the client.
+        Everything to its left was written by the client and is never believed.
+        """
+        if not forwarded_for or not self._trusted(peer):
+            return peer
+        hops = [hop.strip() for line in forwarded_for for hop in line.split(",")]
+        nearest = peer
+        for hop in reversed(hops):
+            if (address := _address(hop)) is None:
+                # A trusted proxy appends addresses only: this came from beyond it.
+                return nearest
+            if not self._trusted(hop):
+                return str(address)
+            nearest = hop
+        return nearest
+
+    def _trusted(self, peer: str | None) -> bool:
+        address = _address(peer)
+        return address is not None and any(address in network for network in self.trusted_proxies)
 
     def check_new_work(self, identity: Identity) -> None:
         """New work on an admitted connection (a context, a request): not while draining, and
@@ -135,7 +167,7 @@ class Admission:
         elif self.draining:
             raise Draining("the server is shutting down; no new work")
         limits = self.limits[pool]
-        if self._totals[pool] >= limits.total:
+        if self.at_capacity(pool):
             raise AtCapacity(f"at most {limits.total} {pool.replace('_', ' ')} places on this server; try again later")
         if identity.capped and self._per_identity[pool, identity.name] >= limits.per_identity:
             raise AtCapacity(f"at most {limits.per_identity} {pool.replace('_', ' ')} places per client; close one first")
@@ -157,9 +189,22 @@ class Admission:
             self._released.clear()
             await self._released.wait()
 
+    def at_capacity(self, pool: str) -> bool:
+        """Whether `pool` would refuse the next client, whoever it is."""
+        return self._totals[pool] >= self.limits[pool].total
+
     def counts(self) -> dict[str, int]:
         """Places in use per pool (for /health: a leak shows here)."""
         return {pool: self._totals[pool] for pool in self.limits}
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, IPv4-mapped IPv6 ones as IPv4; None for anything else."""
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
 
 
 def is_loopback(peer: str) -> bool:

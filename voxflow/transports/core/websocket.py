@@ -16,7 +16,7 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from ...errors import VoxflowError
-from .admission import Identity, Ticket
+from .admission import FORWARDED_FOR, Identity, Ticket
 from .auth import presented_key
 from .contexts import Disconnected
 
@@ -53,13 +53,18 @@ class SocketCarrier:
     def peer(self) -> str | None:
         return self.ws.client.host if self.ws.client else None
 
+    @property
+    def forwarded_for(self) -> list[str]:
+        """X-Forwarded-For lines, for `Admission` to believe only from a trusted proxy."""
+        return self.ws.headers.getlist(FORWARDED_FOR)
+
     def presented_key(self, query_name: str) -> str | None:
         """A key from the headers or, for clients that cannot set headers, the query string."""
         return presented_key(self.ws.headers) or self.ws.query_params.get(query_name)
 
     def admit(self, admission: Admission, key: str | None) -> tuple[Identity, Ticket]:
         """Check the key, then take a place in the socket pool (raises a typed refusal)."""
-        identity = admission.identify(key, self.peer)
+        identity = admission.identify(key, self.peer, self.forwarded_for)
         return identity, admission.admit(identity, "socket")
 
     async def receive(self) -> str | bytes | None:
