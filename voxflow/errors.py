@@ -50,3 +50,32 @@ class StreamClosed(VoxflowError):
     """Text was pushed to a stream that has ended or was cancelled."""
 
     code = "stream_closed"
+
+
+class VoiceConflict(VoxflowError):
+    """The registry's present state refuses the change: a voice of that name exists
+    (`voice_exists`), or streams are using the voice (`voice_in_use`)."""
+
+    code = "voice_conflict"
+    http_status = 409
+
+
+class VoiceProtected(VoxflowError):
+    """The embedded voice and the configured default voice cannot be removed."""
+
+    code = "voice_protected"
+    http_status = 403
+
+
+class ForbiddenPath(VoxflowError):
+    """A voice path outside the configured voice directories (through `..` or a symlink too)."""
+
+    code = "forbidden_path"
+    http_status = 403
+
+
+class VoiceStoreError(VoxflowError):
+    """Voice files could not be written or deleted (a full or read-only voice directory)."""
+
+    code = "voice_store_failed"
+    http_status = 500

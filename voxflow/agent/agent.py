@@ -60,7 +60,7 @@ class Agent:
         self.tracker = TurnTracker(TurnOptions.from_config(config))
         style = resolve_style(config.tts_style or None)
         voice = config.tts_voice or None
-        engine.voice(voice)  # an unknown voice fails here, not at the first reply
+        engine.voices.info(voice)  # an unknown voice fails here, not at the first reply
         self._owned: list[SpeechRecognizer | LanguageModel] = []
         if recognizer is None:
             recognizer = recognizer_from_config(config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import InvalidRequest, LimitExceeded
 from ..voices.phonemizer import Phonemes
-from ..voices.registry import VoiceRegistry
+from ..voices.registry import LoadLimits, VoiceRegistry
 from ..voices.styles import Style
 from ..voices.vits.noise import Noise
 from ..voices.voice import Voice
@@ -34,6 +34,7 @@ WHOLE_TEXT_SPLIT = ChunkerOptions(first_chunk_words=10**9, later_chunk_words=10*
 # Sentences up to ~4 s decode in one piece; longer ones are split (exactly, with context),
 # which bounds the decoder's working memory (~450 MB more at 1024 frames, ~50 MB at 256).
 WHOLE_TEXT_BLOCKS = BlockOptions(first_block_frames=256, block_frames=(256,))
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ class Engine:
         self.config = config
         # Streams opened from then on use it; may be set later (the server attaches its own).
         self.cache = cache
-        self.voices = VoiceRegistry(config.voice_dirs, config.device, config.half, config.decoder_precision)
+        self.voices = VoiceRegistry(
+            config.voice_dirs, config.device, config.half, config.decoder_precision,
+            default=config.voice, limits=LoadLimits(config.max_loaded_voices, config.max_loaded_voice_mb * 2**20),
+        )
         workers, threads = config.layout(concurrent)
         self._executor = DeadlineExecutor(
             workers,
@@ -76,13 +80,15 @@ class Engine:
         self._ids = itertools.count()
 
     def voice(self, name: str | None = None) -> Voice:
-        """The named (or default) voice; the first use loads it on a compute thread (blocking).
+        """The named (or default) voice, loaded on a compute thread if it is not (blocking: for
+        scripts and tests; a stream loads its voice without blocking the loop)."""
+        with self.voices.hold(name, self._executor.submit) as hold:
+            return hold.voice.result()
 
-        A loaded voice returns at once: the event loop must not wait behind synthesis jobs just
-        to open a stream.
-        """
-        name = name or self.config.voice
-        return self.voices.loaded(name) or self._executor.submit(self.voices.get, name).result()
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """A blocking job (adding or removing a voice: files and a trial load) on a compute
+        thread, awaited without blocking the loop."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
     def open_stream(
         self,
@@ -95,21 +101,27 @@ class Engine:
         options: StreamOptions | None = None,
         cached: bool = True,
     ) -> SynthesisStream:
-        """Start a synthesis context; must be called with an event loop running.
+        """Start a synthesis context; must be called with an event loop running. Never blocks:
+        a voice that is not loaded yet loads on a compute thread while the stream waits for it.
 
         cached=False keeps the stream away from the audio cache (it always runs the model).
         """
         options = options or StreamOptions(max_text_chars=self.config.max_text_chars)
-        return SynthesisStream(
-            self.voice(voice),
-            context_id=context_id or f"ctx-{next(self._ids)}",
-            style=style,
-            speaker=speaker,
-            seed=self.config.seed if seed is None else seed,
-            options=options,
-            executor=self._executor,
-            cache=self.cache if cached else None,
-        )
+        hold = self.voices.hold(voice, self._executor.submit)
+        try:
+            return SynthesisStream(
+                hold,
+                context_id=context_id or f"ctx-{next(self._ids)}",
+                style=style,
+                speaker=speaker,
+                seed=self.config.seed if seed is None else seed,
+                options=options,
+                executor=self._executor,
+                cache=self.cache if cached else None,
+            )
+        except BaseException:
+            hold.release()
+            raise
 
     async def warm_up(self, voice: str | None = None) -> None:
         """Load a voice and run it once so the first real request pays no first-call costs."""
@@ -133,14 +145,16 @@ class Engine:
             raise InvalidRequest(f"text must be a string, got {type(text).__name__}")
         if len(text) > self.config.max_text_chars:
             raise LimitExceeded(f"text exceeds {self.config.max_text_chars} characters")
-        return self._executor.submit(self._synthesize, text, voice, style, speaker, seed).result()
+        with self.voices.hold(voice, self._executor.submit) as hold:
+            # Waited for here, not on the compute thread: a lone worker cannot wait for its own load.
+            v = hold.voice.result()
+            return self._executor.submit(self._synthesize, text, v, style, speaker, seed).result()
 
     @torch.inference_mode()
-    def _synthesize(self, text: str, voice: str | None, style: Style, speaker: str | int | None, seed: int | None) -> Utterance:
-        v = self.voices.get(voice or self.config.voice)
+    def _synthesize(self, text: str, v: Voice, style: Style, speaker: str | int | None, seed: int | None) -> Utterance:
         scales = style.scales(v.info.defaults)
         noise = Noise(self.config.seed if seed is None else seed, v.device, v.dtype)
-        sid = v.speaker_id(speaker)
+        sid = v.info.speaker_id(speaker)
         g = v.model.speaker(sid)  # the decoder's conditioning, the same for every block
         seconds_per_frame = v.hop_length / v.sample_rate
         pieces: list[np.ndarray] = []

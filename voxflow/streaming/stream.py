@@ -33,6 +33,7 @@ import torch
 
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
 from ..voices.phonemizer import WORD_SEPARATOR, WordSpan
+from ..voices.registry import VoiceHold
 from ..voices.styles import Style
 from ..voices.voice import Voice
 from .acoustic import AcousticOptions, AcousticState
@@ -142,9 +143,14 @@ _END = _End()
 
 
 class SynthesisStream:
+    """`info` is the voice's, known at once; `voice`, the loaded voice, is set by the stream's
+    task before its first step (it waits there while the voice loads)."""
+
+    voice: Voice
+
     def __init__(
         self,
-        voice: Voice,
+        voice: VoiceHold,
         *,
         context_id: str,
         style: Style,
@@ -155,19 +161,18 @@ class SynthesisStream:
         cache: AudioCache | None = None,
     ) -> None:
         self.context_id = context_id
-        self.voice = voice
+        self.info = voice.info
+        self._hold = voice
         self.options = options
         self.metrics = StreamMetrics()
         self._executor = executor
         self._cache = cache
         self._style = style
-        self._speaker_id = voice.speaker_id(speaker)
+        self._speaker_id = voice.info.speaker_id(speaker)
         self._seed = seed
-        self._reset_context()
         self._pending_key: CacheKey | None = None  # the utterance the chunker gets next is cacheable
         self._recording: _Recording | None = None
-        self._framer = Framer(context_id, voice.sample_rate, options.sample_rate, options.frame_ms, style.volume)
-        self._seconds_per_frame = voice.hop_length / voice.sample_rate
+        self._framer = Framer(context_id, voice.info.sample_rate, options.sample_rate, options.frame_ms, style.volume)
         self._separator = voice.info.phoneme_id_map[WORD_SEPARATOR][0]
         self._timeline = 0.0  # stream time (s) where the next chunk's audio starts
         self._utterance_start = True
@@ -186,6 +191,8 @@ class SynthesisStream:
         self._input: asyncio.Queue[str | Flush | _End] = asyncio.Queue(options.input_queue)
         self._output: asyncio.Queue[StreamEvent] = asyncio.Queue(options.output_queue)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"voxflow-stream-{context_id}")
+        # Held until the task is over, however it ends: the registry never unloads a voice under it.
+        self._task.add_done_callback(lambda _: voice.release())
 
     # -- input side -------------------------------------------------------------------------
 
@@ -307,11 +314,11 @@ class SynthesisStream:
         """The key of `text` spoken from a fresh context, or None when it is not to be cached."""
         assert self._cache is not None
         try:
-            model = self.voice.info.model_path.stat()
+            model = self.info.model_path.stat()
         except OSError:
             return None
         key = CacheKey(
-            self.voice.info.name, f"{model.st_size}:{model.st_mtime_ns}", self._style, self._speaker_id, self._seed,
+            self.info.name, f"{model.st_size}:{model.st_mtime_ns}", self._style, self._speaker_id, self._seed,
             text, self._framer.rate, self.options.frame_ms,
         )
         return key if 0 < len(key.text) <= self._cache.max_text_chars else None
@@ -357,8 +364,21 @@ class SynthesisStream:
         # Speaker conditioning lives in the acoustic state, which computes it at its first step.
         return self.voice.decoder(latents, self._acoustic.g)
 
+    async def voice_loaded(self) -> Voice:
+        """The voice once it is loaded (at once when it was); raises what kept it from loading
+        (AtCapacity, VoiceFileError), for a caller that must answer before any audio."""
+        # Shielded: the load is shared with every stream that waits for this voice, and one
+        # waiter's cancel must not cancel it for the others.
+        return await asyncio.shield(asyncio.wrap_future(self._hold.voice))
+
+    async def _load_voice(self) -> None:
+        self.voice = voice = await self.voice_loaded()
+        self._seconds_per_frame = voice.hop_length / voice.sample_rate
+        self._reset_context()
+
     async def _run(self) -> None:
         try:
+            await self._load_voice()
             await self._speak_chunks()
             await self._emit_all(self._framer.push(self._decoder.release()))
             await self._emit_all(self._framer.flush())

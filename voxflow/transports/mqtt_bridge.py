@@ -359,7 +359,7 @@ class MqttBridge:
         if key not in self._devices:
             self._devices[key] = device
             self.state.context_sets.add(device.contexts)
-        route = device.routes[request_id] = _Route(key, request_id, stream, ticket, sample_rate or stream.voice.sample_rate, reply, say)
+        route = device.routes[request_id] = _Route(key, request_id, stream, ticket, sample_rate or stream.info.sample_rate, reply, say)
         if say is not None:
             route.started.set()  # Hermes has no `started`
         route.feeder = asyncio.get_running_loop().create_task(self._feed(route), name=f"voxflow-mqtt-{key[1]}-{request_id}")
@@ -428,7 +428,7 @@ class MqttBridge:
         try:
             if route.hermes is None:
                 try:
-                    await self._event(route, Started(route.request_id, route.stream.voice.info.name, route.sample_rate))
+                    await self._event(route, Started(route.request_id, route.stream.info.name, route.sample_rate))
                 finally:
                     route.started.set()
             while True:

@@ -201,8 +201,8 @@ class NativeDispatch:
         # Sent before the next message is read, hence before any event of this context.
         await self.reply(Started(
             msg.context,
-            voice=stream.voice.info.name,
-            sample_rate=sample_rate or stream.voice.sample_rate,
+            voice=stream.info.name,
+            sample_rate=sample_rate or stream.info.sample_rate,
             encoding=msg.encoding,
             frame_ms=frame_ms,
         ))

@@ -114,7 +114,7 @@ class WyomingHandler(AsyncEventHandler):
         super().__init__(reader, writer)
         self.state = state
         self._handlers = handlers
-        self._session = Session(state.engine.voices.infos(), state.settings.engine.voice, version)
+        self._session = Session(state.engine.voices.infos, state.settings.engine.voice, version)
         self._config = state.settings.server
         # A drain gives the contexts the grace period, then closes the connection.
         self.contexts = state.connection_contexts(self._deliver, after_drain=self.stop)
@@ -256,10 +256,6 @@ class WyomingHandler(AsyncEventHandler):
             raise Disconnected("the connection is closed")
         self._request = None
         self.state.admission.check_new_work(self._identity)  # draining, rate_limited
-        engine = self.state.engine
-        if engine.voices.loaded(choice.voice) is None:
-            # Loading takes seconds; it must not stall every other connection on this loop.
-            await asyncio.get_running_loop().run_in_executor(None, engine.voice, choice.voice)
         request = _Request(f"wyoming-{next(_ids)}", streaming=text is None)
         self.contexts.open(ContextRequest(request.context_id, voice=choice.voice, speaker=choice.speaker))
         self._request = request  # before the pump's first event

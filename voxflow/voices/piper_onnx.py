@@ -36,7 +36,11 @@ class _Graph:
 
     @classmethod
     def read(cls, path: Path) -> "_Graph":
-        model = onnx.load(str(path))
+        # A tensor's external data names a file to read; voices can be uploaded, and a Piper
+        # voice keeps every weight inside its one file, so any such reference is refused.
+        model = onnx.load(str(path), load_external_data=False)
+        if external := [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]:
+            raise VoiceFileError(f"{path}: tensors stored outside the file ({', '.join(external[:3])}); a Piper voice is one file")
         tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         by_path, by_bias, by_weight = {}, {}, {}
         for node in model.graph.node:

@@ -26,6 +26,7 @@ class VoiceInfo:
     model_path: Path
     config_path: Path
     defaults: Scales = field(default_factory=Scales)
+    num_speakers: int = 1
     phoneme_id_map: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
     speaker_ids: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -57,10 +58,30 @@ class VoiceInfo:
                     noise_w=float(inference.get("noise_w", 0.8)),
                 ),
                 phoneme_id_map={str(k): [int(i) for i in v] for k, v in cfg["phoneme_id_map"].items()},
+                num_speakers=int(cfg.get("num_speakers", max(len(speaker_ids), 1))),
                 speaker_ids=speaker_ids,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VoiceFileError(f"{config_path}: missing or malformed field {exc}") from exc
+
+    def speaker_id(self, speaker: str | int | None) -> int | None:
+        """Resolve a speaker name or index; None for single-speaker voices. Read from the JSON
+        alone, so a stream's speaker is checked when it opens, before the weights are loaded."""
+        n = self.num_speakers
+        if n <= 1:
+            if speaker not in (None, 0, ""):
+                raise InvalidRequest(f"voice {self.name} has a single speaker")
+            return None
+        if speaker is None or speaker == "":
+            return 0
+        if isinstance(speaker, str) and not speaker.isdecimal():
+            if speaker not in self.speaker_ids:
+                raise InvalidRequest(f"voice {self.name} has no speaker {speaker!r}")
+            return self.speaker_ids[speaker]
+        index = int(speaker)
+        if not 0 <= index < n:
+            raise InvalidRequest(f"speaker index must be in [0, {n - 1}], got {index}")
+        return index
 
 
 class Voice:
@@ -86,8 +107,11 @@ class Voice:
         dtype = torch.float16 if half else torch.float32
         if half and target.type == "cpu":
             raise InvalidRequest("half precision needs a GPU device")
-        model = load_voice_model(info.model_path).to(target, dtype)
-        return cls(info, model, target, dtype, decoder_precision)
+        model = load_voice_model(info.model_path)
+        if model.cfg.n_speakers != info.num_speakers:
+            # Speakers are checked against the JSON when a stream opens: it must tell the truth.
+            raise VoiceFileError(f"{info.config_path}: num_speakers {info.num_speakers}, but the model has {model.cfg.n_speakers}")
+        return cls(info, model.to(target, dtype), target, dtype, decoder_precision)
 
     @property
     def decoder_receptive_frames(self) -> int:
@@ -101,21 +125,3 @@ class Voice:
     @property
     def sample_rate(self) -> int:
         return self.info.sample_rate
-
-    def speaker_id(self, speaker: str | int | None) -> int | None:
-        """Resolve a speaker name or index; None for single-speaker voices."""
-        n = self.model.cfg.n_speakers
-        if n <= 1:
-            if speaker not in (None, 0, ""):
-                raise InvalidRequest(f"voice {self.info.name} has a single speaker")
-            return None
-        if speaker is None or speaker == "":
-            return 0
-        if isinstance(speaker, str) and not speaker.isdecimal():
-            if speaker not in self.info.speaker_ids:
-                raise InvalidRequest(f"voice {self.info.name} has no speaker {speaker!r}")
-            return self.info.speaker_ids[speaker]
-        index = int(speaker)
-        if not 0 <= index < n:
-            raise InvalidRequest(f"speaker index must be in [0, {n - 1}], got {index}")
-        return index

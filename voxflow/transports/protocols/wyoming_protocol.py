@@ -30,7 +30,7 @@ are read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,8 +199,9 @@ class Session:
     Raises VoxflowError for input it cannot take; the connection goes on serving after it.
     """
 
-    def __init__(self, infos: Sequence[VoiceInfo], default_voice: str, version: str) -> None:
-        self._infos = list(infos)
+    def __init__(self, voices: Callable[[], Sequence[VoiceInfo]], default_voice: str, version: str) -> None:
+        # Asked at each event: voices added or removed at run time count at once.
+        self._voices = voices
         self._default = default_voice
         self._version = version
         self.streaming = False
@@ -214,7 +215,7 @@ class Session:
 
     def _handle(self, event: Event) -> Action | None:
         if Describe.is_type(event.type):
-            return Reply((build_info(self._infos, self._version).event(),))
+            return Reply((build_info(self._voices(), self._version).event(),))
         if Ping.is_type(event.type):
             return Reply((Pong(text=Ping.from_event(event).text).event(),))
         if event.type == "select-program":
@@ -226,12 +227,12 @@ class Session:
             request = Synthesize.from_event(event)
             if not isinstance(request.text, str) or not request.text.strip():
                 raise InvalidRequest("synthesize needs non-empty text")
-            return Speak(request.text, choose_voice(request.voice, self._infos, self._default))
+            return Speak(request.text, choose_voice(request.voice, self._voices(), self._default))
         if SynthesizeStart.is_type(event.type):
             if self.streaming:
                 raise InvalidRequest("a synthesize stream is already open; send synthesize-stop first")
             self.streaming = True
-            return OpenStream(choose_voice(SynthesizeStart.from_event(event).voice, self._infos, self._default))
+            return OpenStream(choose_voice(SynthesizeStart.from_event(event).voice, self._voices(), self._default))
         if SynthesizeChunk.is_type(event.type):
             if not self.streaming:
                 raise InvalidRequest("synthesize-chunk outside a stream; send synthesize-start first")
