@@ -27,21 +27,10 @@ from elevenlabs.core.api_error import ApiError
 from elevenlabs.errors.unprocessable_entity_error import UnprocessableEntityError
 from livekit.agents import APIConnectOptions
 from livekit.plugins import elevenlabs as livekit_elevenlabs
-from pipecat.frames.frames import (
-    EndFrame,
-    Frame,
-    LLMFullResponseEndFrame,
-    LLMFullResponseStartFrame,
-    LLMTextFrame,
-    TTSAudioRawFrame,
-    TTSTextFrame,
-)
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.frames.frames import LLMFullResponseEndFrame, LLMFullResponseStartFrame, LLMTextFrame
 from pipecat.services.elevenlabs.tts import ElevenLabsHttpTTSService
-from pipecat.workers.runner import WorkerRunner
 
+from pipecat_runner import RecordsWordTimes, assert_words_match, run_pipeline
 from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from voxflow.transports.protocols import elevenlabs_http_protocol
 from voxflow.transports.protocols.elevenlabs_http_protocol import Aligner
@@ -141,12 +130,6 @@ def words_of(characters: list[str], starts: list[float]) -> list[tuple[str, floa
     return words
 
 
-def assert_words_match(rebuilt: list[tuple[str, float]], truth: list[tuple[str, float]]) -> None:
-    assert [w for w, _ in rebuilt] == [w for w, _ in truth]
-    worst = max(abs(a - b) for (_, a), (_, b) in zip(rebuilt, truth))
-    assert worst <= FRAME_S, f"a word {worst * 1000:.0f} ms off its audio"
-
-
 # -- ElevenLabs' SDK ----------------------------------------------------------------------------
 
 
@@ -239,10 +222,10 @@ def detail(error: ApiError) -> dict:
 def test_unknown_formats_and_bad_bodies_are_422_in_elevenlabs_shape(server):
     tts = client_for(server).text_to_speech
     with pytest.raises(UnprocessableEntityError) as caught:
-        tts.convert_with_timestamps(VOICE_ID, text="Hi.", output_format="wav_44100")
+        tts.convert_with_timestamps(VOICE_ID, text="Hi.", output_format="flac_44100")
     assert detail(caught.value)["code"] == detail(caught.value)["status"] == "unsupported_output_format"
     assert detail(caught.value)["param"] == "output_format"
-    assert detail(caught.value)["message"].startswith("unsupported output_format 'wav_44100'; supported: pcm_8000")
+    assert detail(caught.value)["message"].startswith("unsupported output_format 'flac_44100'; supported: pcm_8000")
     with pytest.raises(UnprocessableEntityError) as caught:
         list(tts.stream(VOICE_ID, text=" "))
     assert detail(caught.value) == {
@@ -352,35 +335,8 @@ def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(engine):
 # -- Pipecat ------------------------------------------------------------------------------------
 
 
-class _Collector(FrameProcessor):
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio = bytearray()
-        self.words: list[str] = []
-        self.reply_ended = asyncio.Event()
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if isinstance(frame, TTSAudioRawFrame):
-            self.audio += frame.audio
-        elif isinstance(frame, TTSTextFrame):
-            self.words.append(frame.text)
-        elif isinstance(frame, LLMFullResponseEndFrame):
-            self.reply_ended.set()
-        await self.push_frame(frame, direction)
-
-
-class _TimedElevenLabsHttp(ElevenLabsHttpTTSService):
-    """Pipecat's service as shipped, noting the word times it rebuilds (seconds from the turn's
-    first audio, what its word-timestamp tracker turns into frame times)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.word_times: list[tuple[str, float]] = []
-
-    async def add_word_timestamps(self, word_times, context_id=None, **kwargs):
-        self.word_times += word_times
-        await super().add_word_timestamps(word_times, context_id, **kwargs)
+class _TimedElevenLabsHttp(RecordsWordTimes, ElevenLabsHttpTTSService):
+    pass
 
 
 async def test_pipecat_http_service_speaks_a_reply_sentence_by_sentence(server, spoken):
@@ -391,32 +347,9 @@ async def test_pipecat_http_service_speaks_a_reply_sentence_by_sentence(server, 
             # A slow machine must not end the turn's audio between two sentences' requests.
             stop_frame_timeout_s=30,
         )
-        collector = _Collector()
-        worker = PipelineWorker(
-            Pipeline([tts, collector]), cancel_on_idle_timeout=False, params=PipelineParams(audio_out_sample_rate=24000)
-        )
-        started = asyncio.Event()
-
-        @worker.event_handler("on_pipeline_started")
-        async def _on_started(worker, frame):
-            started.set()
-
-        runner = WorkerRunner()
-        await runner.add_workers(worker)
-        running = asyncio.create_task(runner.run())
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                await started.wait()
-                # As an LLM replies: the service cuts the reply into sentences, one request each.
-                await worker.queue_frame(LLMFullResponseStartFrame())
-                for token in REPLY.split(" "):
-                    await worker.queue_frame(LLMTextFrame(token + " "))
-                await worker.queue_frame(LLMFullResponseEndFrame())
-                await collector.reply_ended.wait()
-                await worker.queue_frame(EndFrame())
-                await running
-        finally:
-            running.cancel()
+        # As an LLM replies: the service cuts the reply into sentences, one request each.
+        reply = [LLMFullResponseStartFrame(), *(LLMTextFrame(t + " ") for t in REPLY.split(" ")), LLMFullResponseEndFrame()]
+        collector = await run_pipeline(tts, reply, 24000, TIMEOUT, until=LLMFullResponseEndFrame)
 
     responses = list(spoken.values())
     assert len(responses) == 3  # one request a sentence

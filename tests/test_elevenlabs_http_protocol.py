@@ -138,9 +138,9 @@ def test_every_output_format_and_a_clear_refusal_of_others():
     for name, fmt in OUTPUT_FORMATS.items():
         assert output_format({"output_format": name}) is fmt
     assert output_format({}) is OUTPUT_FORMATS["mp3_44100_128"]
-    error = refused(output_format, {"output_format": "wav_44100"})
+    error = refused(output_format, {"output_format": "flac_44100"})
     assert (error.http_status, error.code, error.param) == (422, "unsupported_output_format", "output_format")
-    assert str(error).startswith("unsupported output_format 'wav_44100'; supported: pcm_8000, pcm_16000")
+    assert str(error).startswith("unsupported output_format 'flac_44100'; supported: pcm_8000, pcm_16000")
     assert "mp3_22050_32" in str(error) and "ulaw_8000" in str(error)
 
 

@@ -18,7 +18,7 @@ from livekit.agents import APIConnectOptions
 from livekit.plugins import elevenlabs as livekit_elevenlabs
 from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 
-from pipecat_runner import speak_through
+from pipecat_runner import RecordsWordTimes, assert_words_match, speak_through
 from voxflow.transports.protocols import elevenlabs_protocol
 from voxflow.transports.protocols.elevenlabs_protocol import AudioPacker
 
@@ -27,7 +27,6 @@ REPLY = (
     "Sure, I can help with that. The weather tomorrow looks mild, with a light breeze in the "
     "morning and some sun in the afternoon. If you are heading out, a thin jacket should be enough."
 )
-FRAME_S = 0.020
 TIMEOUT = 180  # generous: the suite shares two cores
 
 
@@ -66,26 +65,11 @@ def spoken(monkeypatch) -> dict[int, SpokenContext]:
     return contexts
 
 
-def assert_words_match(rebuilt: list[tuple[str, float]], truth: list[tuple[str, float]]) -> None:
-    assert [w for w, _ in rebuilt] == [w for w, _ in truth]
-    worst = max(abs(a - b) for (_, a), (_, b) in zip(rebuilt, truth))
-    assert worst <= FRAME_S, f"a word {worst * 1000:.0f} ms off its audio"
-
-
 # -- Pipecat ----------------------------------------------------------------------------------
 
 
-class _TimedElevenLabs(ElevenLabsTTSService):
-    """Pipecat's service as shipped, noting the word times it rebuilds (seconds from the
-    context's first audio, what its word-timestamp tracker turns into frame times)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.word_times: list[tuple[str, float]] = []
-
-    async def add_word_timestamps(self, word_times, context_id=None, **kwargs):
-        self.word_times += word_times
-        await super().add_word_timestamps(word_times, context_id, **kwargs)
+class _TimedElevenLabs(RecordsWordTimes, ElevenLabsTTSService):
+    pass
 
 
 async def test_pipecat_elevenlabs_service_gets_audio_and_word_times(server, spoken):

@@ -40,6 +40,7 @@ from .protocols.elevenlabs_protocol import (
     final_message,
     parse_message,
     parse_query,
+    resolve_voice,
 )
 
 if TYPE_CHECKING:
@@ -255,20 +256,13 @@ class _Session:
         self.state = state
         self.config = state.settings.server
         self.multi = multi
-        self.voice = self._resolve_voice(voice_id)
+        self.voice = resolve_voice(voice_id, [i.name for i in state.engine.voices.infos()], state.voice_for)
         self.loop = asyncio.get_running_loop()
         self.last_input = self.loop.time()
         self.identity: Identity | None = None  # set once admitted
         self.ended = False  # stream-input: the end of input ({"text": ""}) arrived
         self.started = False  # stream-input: its context was opened
         self.open: dict[str, _ContextState] = {}
-
-    def _resolve_voice(self, voice_id: str) -> str:
-        """ElevenLabs voice ids are opaque ("21m00Tcm4TlvDq8ikWCM"), so a framework's default
-        id must work: an alias or a voice name is honoured, anything else is the default voice."""
-        name = self.state.voice_for(voice_id)
-        known = {info.name for info in self.state.engine.voices.infos()}
-        return name if name in known else self.state.settings.engine.voice
 
     async def _close_after_drain(self) -> None:
         # Only a server drain closes the socket here; a context set closing on its own does not.

@@ -30,7 +30,7 @@ from ...errors import AtCapacity, InvalidRequest, VoxflowError
 from ...voices.styles import Style
 from ..core.http import error_status
 from .audio_encoding import Encoder
-from .elevenlabs_protocol import MAX_SEED, ElevenLabsError, OutputFormat, VoiceSettings, parse_output_format
+from .elevenlabs_protocol import MAX_SEED, ElevenLabsError, OutputFormat, VoiceSettings, parse_output_format, resolve_voice
 
 OPTIMIZE_STREAMING_LATENCY = range(5)  # ElevenLabs' levels 0-4; voxflow always streams its fastest
 TIMESTAMPS_MEDIA_TYPE = "application/json"
@@ -122,14 +122,6 @@ def check_latency(query: Mapping[str, str]) -> None:
         raise ElevenLabsHttpError(
             f"optimize_streaming_latency must be an integer from 0 to 4, got {value!r:.40}", param="optimize_streaming_latency"
         )
-
-
-def resolve_voice(voice_id: str, own_voices: Collection[str], voice_for: Callable[[str | None], str]) -> str:
-    """ElevenLabs voice ids are opaque ("21m00Tcm4TlvDq8ikWCM"), so a client's default id must
-    work: an alias or one of the server's voice names is honoured, anything else speaks with
-    the default voice (voice_for(None))."""
-    name = voice_for(voice_id)
-    return name if name in own_voices else voice_for(None)
 
 
 def style_for(settings: VoiceSettingsBody | None) -> Style:

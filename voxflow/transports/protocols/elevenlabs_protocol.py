@@ -18,7 +18,7 @@ import base64
 import json
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -112,6 +112,14 @@ class ConnectionOptions:
     @property
     def sample_rate(self) -> int:
         return self.output_format.sample_rate
+
+
+def resolve_voice(voice_id: str, own_voices: Collection[str], voice_for: Callable[[str | None], str]) -> str:
+    """ElevenLabs voice ids are opaque ("21m00Tcm4TlvDq8ikWCM"), so a client's default id must
+    work: an alias or one of the server's voice names is honoured, anything else speaks with
+    the default voice (voice_for(None))."""
+    name = voice_for(voice_id)
+    return name if name in own_voices else voice_for(None)
 
 
 def _query_bool(params: Mapping[str, str], name: str, default: bool) -> bool:
