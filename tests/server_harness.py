@@ -91,6 +91,7 @@ def run_server(engine: Engine, *, agent: Mapping[str, Any] | None = None, **serv
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, loop="none", ws="websockets-sansio", lifespan="on", log_level="warning",
         ssl_certfile=server_cfg.ssl_certfile or None, ssl_keyfile=server_cfg.ssl_keyfile or None,
+        proxy_headers=False,  # as runner.serve does: X-Forwarded-For is Admission's to judge
     )
     server = uvicorn.Server(config)
     loop = uvloop.new_event_loop()

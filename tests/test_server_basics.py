@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from server_harness import run_server
+from websockets.asyncio.client import connect
 
 from voxflow.config import load_settings
 from voxflow.errors import InvalidRequest
@@ -81,3 +84,27 @@ def test_settings_layer_file_env_and_overrides(tmp_path):
     assert (settings.engine.seed, settings.server.max_sockets, settings.server.port) == (3, 7, 9002)
     with pytest.raises(InvalidRequest, match="unknown"):
         load_settings(env={}, server={"nonsense": 1})
+
+
+def test_liveness_and_readiness_when_idle(server):
+    assert httpx.get(f"{server.http}/health/live", timeout=10).json() == {"status": "live"}
+    ready = httpx.get(f"{server.http}/health/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "full": []}
+
+
+async def test_readiness_turns_503_when_full_or_stopping_while_health_and_liveness_stay(engine):
+    with run_server(engine, max_sockets=1) as srv:
+        async with httpx.AsyncClient(base_url=srv.http, timeout=10) as http:
+            async with connect(f"{srv.ws}/v1/stream") as ws:
+                await ws.recv()  # ready: the socket holds the pool's one place
+                full = await http.get("/health/ready")
+                assert full.status_code == 503 and full.json() == {"status": "full", "full": ["socket"]}
+                assert (await http.get("/health")).status_code == 200
+            async with asyncio.timeout(30):
+                while (await http.get("/health/ready")).status_code != 200:
+                    await asyncio.sleep(0.05)
+            srv.state.stopping = True  # what a drain sets first (SIGTERM: tests/test_serve_process.py)
+            stopping = await http.get("/health/ready")
+            assert stopping.status_code == 503 and stopping.json()["status"] == "draining"
+            assert (await http.get("/health/live")).status_code == 200
+            assert (await http.get("/health")).status_code == 200  # as before: 503 once new work is refused

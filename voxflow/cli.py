@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .config import EngineConfig, load_config
-from .errors import VoxflowError
+from .errors import InvalidRequest, VoiceFileError, VoxflowError
 from .streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from .voices.styles import PRESETS, resolve_style
 
@@ -121,7 +121,7 @@ async def _say_streaming(args: argparse.Namespace, engine, fragments: AsyncItera
     feeder = asyncio.create_task(feed())
     pcm = bytearray()
     words: list[WordTimestamp] = []
-    rate = args.rate or stream.voice.sample_rate
+    rate = args.rate or stream.info.sample_rate
     end: StreamEnd | None = None
     try:
         async for event in stream:
@@ -218,20 +218,39 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def cmd_voices(args: argparse.Namespace) -> int:
+    """List the voices, or add (copy in) or remove one in the configured voice directories."""
     from .voices.registry import VoiceRegistry
 
-    infos = VoiceRegistry(_config(args).voice_dirs).infos()
+    config = _config(args)
+    registry = VoiceRegistry(config.voice_dirs, config.device, config.half, config.decoder_precision, default=config.voice)
+    if args.action != "list" and not args.target:
+        raise InvalidRequest(f"voxflow voices {args.action} needs a {'file' if args.action == 'add' else 'voice name'}")
+    if args.action == "add":
+        model_path = Path(args.target)
+        if model_path.suffix != ".onnx":
+            raise InvalidRequest(f"{model_path} is not a Piper voice file (NAME.onnx, with NAME.onnx.json beside it)")
+        try:
+            with open(model_path, "rb") as model, open(model_path.with_name(model_path.name + ".json"), "rb") as config_file:
+                info = registry.install(args.name or model_path.stem, model, config_file)
+        except OSError as exc:
+            raise VoiceFileError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        print(f"added {info.name}: {info.model_path}")
+        return 0
+    if args.action == "remove":
+        info = registry.remove(args.target)
+        print(f"removed {info.name}: {info.model_path}")
+        return 0
     rows = [
-        {"name": i.name, "language": i.language, "sample_rate": i.sample_rate, "quality": i.quality,
-         "speakers": len(i.speakers) or 1, "espeak_voice": i.espeak_voice}
-        for i in infos
+        {"name": s.info.name, "language": s.info.language, "sample_rate": s.info.sample_rate, "quality": s.info.quality,
+         "speakers": s.info.num_speakers, "espeak_voice": s.info.espeak_voice, "source": s.source}
+        for s in registry.statuses()
     ]
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"{'name':<28} {'language':<9} {'rate':>6} {'quality':<8} speakers")
+        print(f"{'name':<28} {'language':<9} {'rate':>6} {'quality':<8} {'speakers':>8}  source")
         for r in rows:
-            print(f"{r['name']:<28} {r['language']:<9} {r['sample_rate']:>6} {r['quality']:<8} {r['speakers']}")
+            print(f"{r['name']:<28} {r['language']:<9} {r['sample_rate']:>6} {r['quality']:<8} {r['speakers']:>8}  {r['source']}")
     return 0
 
 
@@ -450,8 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(agent)
     agent.set_defaults(func=cmd_agent)
 
-    voices = sub.add_parser("voices", help="list voices")
-    voices.add_argument("--json", action="store_true")
+    voices = sub.add_parser("voices", help="list voices, or add or remove one in the voice directories (docs/voices.md)")
+    voices.add_argument("action", nargs="?", choices=("list", "add", "remove"), default="list",
+                        help="list (the default); add copies a voice into the first --voice-dir; remove deletes one")
+    voices.add_argument("target", nargs="?", help="add: the .onnx file (its .onnx.json beside it); remove: the voice's name")
+    voices.add_argument("--name", help="add: the name of the copy (default: the file's name less .onnx)")
+    voices.add_argument("--json", action="store_true", help="list: print one JSON array")
     _engine_args(voices)
     voices.set_defaults(func=cmd_voices)
     return parser

@@ -34,6 +34,10 @@ class EngineConfig:
     workers: int = 0  # compute threads sharing the model(s); 0 = auto (see layout)
     seed: int = 0  # default noise seed per stream: the same text and seed give the same audio
     max_text_chars: int = 100_000  # text one stream may receive
+    # Voices loaded at once (docs/voices.md): past either bound the least recently used voice
+    # no stream holds is unloaded; with every loaded voice held, a new one is refused.
+    max_loaded_voices: int = 4
+    max_loaded_voice_mb: int = 512  # counted as the voices' model file sizes
 
     def layout(self, concurrent: bool) -> tuple[int, int]:
         """(workers, threads per worker). Auto: a server (concurrent) runs one single-threaded
@@ -75,6 +79,7 @@ class ServerConfig:
     cache_max_mb: int = 256
     warmup_phrases: tuple[str, ...] = ("Hello!", "One moment, please.", "Sorry, I didn't catch that.")
     voice_aliases: tuple[str, ...] = ()  # "alloy=en_US-joe-medium" pairs; unnamed OpenAI voices map to the default voice
+    max_voice_upload_mb: int = 256  # one POST /v1/voices upload (.onnx and .onnx.json together)
     ice_servers: tuple[str, ...] = ()  # WebRTC STUN/TURN URLs; none by default (no public STUN server)
     webrtc_loopback: bool = False  # offer 127.0.0.1 ICE candidates (tests, single-host demos)
     max_webrtc_sessions: int = 16
@@ -92,6 +97,9 @@ class ServerConfig:
     # TLS for HTTP and WebSocket (https://, wss://): PEM files handed to uvicorn; both or neither.
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For names the client for
+    # per-client limits; from any other peer the header is ignored. None by default.
+    trusted_proxies: tuple[str, ...] = ()
     mqtt_prefix: str = "voxflow"  # topic prefix of the MQTT bridge (docs/mqtt.md)
     mqtt_username: str = ""
     mqtt_password: str = ""
@@ -142,7 +150,7 @@ class Settings:
 
 
 _ENV_PREFIX = "VOXFLOW_"
-_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases", "ice_servers", "allowed_hosts"}
+_TUPLE_FIELDS = {"voice_dirs", "api_keys", "cors_origins", "warmup_phrases", "voice_aliases", "ice_servers", "allowed_hosts", "trusted_proxies"}
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
@@ -209,6 +217,7 @@ def load_settings(
     if not settings.server.loopback and not settings.server.api_keys:
         raise InvalidRequest(f"binding {settings.server.host} needs at least one API key (api_keys / VOXFLOW_API_KEYS)")
     check_zeroconf(settings.server)
+    proxy_networks(settings.server.trusted_proxies)
     return settings
 
 
@@ -220,6 +229,20 @@ def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(value)
     except ValueError:
         return None
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(entries: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    """`trusted_proxies` as networks (a bare address is a network of one); refuses what is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise InvalidRequest(f"trusted_proxies: {entry[:80]!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/24)") from None
+    return tuple(networks)
 
 
 def check_zeroconf(server: ServerConfig) -> None:

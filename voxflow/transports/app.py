@@ -31,6 +31,7 @@ from .core.admission import Admission, pool_limits
 from .core.browser_guard import BrowserGuard
 from .core.contexts import ContextSet, Deliver
 from .conversations import LiveConversation, agent_plugins
+from .elevenlabs_http import install as install_elevenlabs_http
 from .elevenlabs_ws import install as install_elevenlabs
 from .core.http import error_response, install_error_handlers
 from .core.metrics import ServerMetrics
@@ -38,11 +39,15 @@ from .core.request_id import RequestId
 from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
+from .voices_http import install as install_voices
 from .web_page import install as install_web_page
 from .webrtc_http import install as install_webrtc
 from .wyoming_server import install as install_wyoming
 
 _LOGGER = logging.getLogger(__name__)
+
+# The pools a load balancer fills: a replica with any of them full is not ready for more.
+ROUTED_POOLS = ("socket", "http_stream", "webrtc")
 
 
 @dataclass
@@ -53,6 +58,9 @@ class ServerState:
     engine: Engine
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     ready: bool = False
+    # Set the moment a drain begins, before the work in flight finishes: /health/ready turns 503
+    # so that a load balancer sends new work elsewhere while this server still serves its own.
+    stopping: bool = False
     # Every open ContextSet, whatever carries it: a drain waits for them all.
     context_sets: set[ContextSet] = field(default_factory=set)
     conversations: set[LiveConversation] = field(default_factory=set)
@@ -79,9 +87,8 @@ class ServerState:
         aliases = dict(pair.split("=", 1) for pair in self.settings.server.voice_aliases if "=" in pair)
         if name in aliases:
             return aliases[name]
-        if name is None or name in {i.name for i in self.engine.voices.infos()}:
-            return name or self.settings.engine.voice
-        return name
+        # An unknown name is passed on as it is: the registry's error names it and the choices.
+        return name or self.settings.engine.voice
 
     def connection_contexts(
         self, deliver: Deliver, after_drain: Callable[[], Awaitable[None]] | None = None
@@ -106,6 +113,7 @@ class ServerState:
 
     async def drain(self) -> None:
         """Stop taking new work and give open contexts the grace period to finish."""
+        self.stopping = True
         # Hooks first: requests a broker handed over before a worker left its group are still
         # served rather than refused.
         await asyncio.gather(*(hook() for hook in self.drain_hooks), return_exceptions=True)
@@ -212,16 +220,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
-    @app.get("/v1/voices", summary="Voices this server can speak with")
-    async def voices() -> dict:
-        return {
-            "default": settings.engine.voice,
-            "voices": [
-                {"name": i.name, "language": i.language, "sample_rate": i.sample_rate, "quality": i.quality,
-                 "speakers": list(i.speakers), "espeak_voice": i.espeak_voice}
-                for i in state.engine.voices.infos()
-            ],
-        }
+    @app.get("/health/live", summary="Liveness: the process answers")
+    async def live() -> JSONResponse:
+        return JSONResponse({"status": "live"})
+
+    @app.get("/health/ready", summary="Readiness: whether a load balancer should send new work here")
+    async def ready() -> JSONResponse:
+        full = [pool for pool in ROUTED_POOLS if state.admission.at_capacity(pool)]
+        if state.stopping or state.draining:
+            status = "draining"
+        elif not state.ready:
+            status = "starting"
+        else:
+            status = "full" if full else "ready"
+        return JSONResponse({"status": status, "full": full}, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
@@ -229,9 +241,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     # Wire protocols: each module adds its routes on top of the shared state.
     # (one `install(app, state)` call per protocol module, in this block)
+    install_voices(app, state)  # GET, POST /v1/voices, DELETE /v1/voices/{name}
     install_native(app, state)
     install_openai(app, state)
     install_elevenlabs(app, state)
+    install_elevenlabs_http(app, state)
     install_webrtc(app, state)
     install_web_page(app, state)  # the browser demo at /
     install_wyoming(app, state)  # a TCP server beside the app, when ServerConfig.wyoming_url is set
