@@ -87,7 +87,7 @@ def test_an_unexpected_failure_is_a_json_500_logged_with_its_id(
     def broken() -> list:
         raise RuntimeError("the registry broke")
 
-    monkeypatch.setattr(server.state.engine.voices, "infos", broken)
+    monkeypatch.setattr(server.state.engine.voices, "statuses", broken)
     with caplog.at_level(logging.ERROR, logger="voxflow.transports.core.request_id"):
         r = httpx.get(f"{server.http}/v1/voices", headers={"X-Request-ID": "voices-1"}, timeout=30)
     assert r.status_code == 500
