@@ -33,7 +33,6 @@ from pipecat.services.elevenlabs.tts import ElevenLabsHttpTTSService
 from pipecat_runner import RecordsWordTimes, assert_words_match, run_pipeline
 from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from voxflow.transports.protocols import elevenlabs_http_protocol
-from voxflow.transports.protocols.elevenlabs_http_protocol import Aligner
 from voxflow.transports.protocols.elevenlabs_protocol import OUTPUT_FORMATS
 
 VOICE_ID = "21m00Tcm4TlvDq8ikWCM"  # ElevenLabs' "Rachel": not a voice here, so the default voice speaks
@@ -91,28 +90,28 @@ def pcm_seconds_of(server: RunningServer, text: str, **body) -> float:
 
 @dataclass
 class Spoken:
-    """What the server's aligner for one response was handed: the truth the clients must rebuild."""
+    """What one timestamped response's body writer was handed: the truth the clients must rebuild."""
 
+    writer: object
     words: list[tuple[str, float]] = field(default_factory=list)
-    audio_end: float | None = None
+
+    @property
+    def audio_end(self) -> float:
+        return self.writer._seconds  # the audio it wrote, in seconds
 
 
 @pytest.fixture
 def spoken(monkeypatch) -> dict[int, Spoken]:
-    """The engine's word timestamps and audio length per timestamped response, in order."""
+    """The engine's word timestamps (in the client's own text) and audio length per timestamped
+    response, in order."""
     responses: dict[int, Spoken] = {}
-    add_word, finish = Aligner.add_word, Aligner.finish
+    add_word = elevenlabs_http_protocol._Timed.add_word
 
-    def spy_word(self, word, start, end):
-        responses.setdefault(id(self), Spoken()).words.append((word, start))
-        add_word(self, word, start, end)
+    def spy_word(self, word, start, end, written=None):
+        responses.setdefault(id(self), Spoken(self)).words.append((written or word, start))
+        add_word(self, word, start, end, written)
 
-    def spy_finish(self, audio_end):
-        responses.setdefault(id(self), Spoken()).audio_end = audio_end
-        return finish(self, audio_end)
-
-    monkeypatch.setattr(elevenlabs_http_protocol.Aligner, "add_word", spy_word)
-    monkeypatch.setattr(elevenlabs_http_protocol.Aligner, "finish", spy_finish)
+    monkeypatch.setattr(elevenlabs_http_protocol._Timed, "add_word", spy_word)
     return responses
 
 
@@ -177,6 +176,18 @@ def test_convert_with_timestamps_aligns_the_text_with_the_audio(server, spoken):
     [truth] = spoken.values()
     assert_words_match(words_of(alignment.characters, alignment.character_start_times_seconds), truth.words)
     assert alignment.character_end_times_seconds[-1] == pytest.approx(pcm_seconds, abs=0.001)
+
+
+def test_alignment_has_the_written_text_and_normalized_alignment_the_spoken(server):
+    written = "Sure, **this** is [the link](https://example.com/a) you asked for."
+    result = client_for(server).text_to_speech.convert_with_timestamps(VOICE_ID, text=written, output_format="pcm_24000")
+    assert "".join(result.alignment.characters) == written
+    spoken = "".join(result.normalized_alignment.characters)
+    assert spoken == "Sure, this is the link you asked for."
+    # Word for word, the two start together.
+    written_words = words_of(result.alignment.characters, result.alignment.character_start_times_seconds)
+    spoken_words = words_of(result.normalized_alignment.characters, result.normalized_alignment.character_start_times_seconds)
+    assert [t for _, t in written_words] == [t for _, t in spoken_words]
 
 
 def test_stream_with_timestamps_chunks_share_the_responses_clock(server, spoken):

@@ -397,3 +397,16 @@ def test_request_errors_name_their_field():
         "type": "validation_error", "code": "invalid_parameters", "status": "invalid_parameters",
         "message": "text must not be empty", "param": "text",
     }})
+
+
+def test_alignment_carries_the_written_text_and_normalized_alignment_the_spoken():
+    words = [("Hello", 0.02, 0.4, "**Hello**"), ("there.", 0.45, 0.9, None)]
+    document = json.loads(b"".join(synthesize(TimestampedDocument(PCM_24K), words=words, seconds=1.0)))
+    assert "".join(document["alignment"]["characters"]) == "**Hello** there."
+    assert "".join(document["normalized_alignment"]["characters"]) == "Hello there."
+    # The same words at the same times: each word's first character starts where it was spoken.
+    for alignment, first in ((document["alignment"], "*"), (document["normalized_alignment"], "H")):
+        assert alignment["characters"][0] == first and alignment["character_start_times_seconds"][0] == 0.02
+    lines = lines_of(synthesize(TimestampedLines(PCM_24K), words=words, seconds=1.0))
+    joined = "".join(c for line in lines if line["alignment"] for c in line["alignment"]["characters"])
+    assert joined == "**Hello** there."

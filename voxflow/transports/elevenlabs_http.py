@@ -29,7 +29,7 @@ from .protocols.elevenlabs_http_protocol import (
     max_body_bytes,
     speech_request,
 )
-from .protocols.elevenlabs_protocol import OutputFormat
+from .protocols.elevenlabs_protocol import OutputFormat, WrittenWords
 
 if TYPE_CHECKING:
     from .app import ServerState  # app imports this module to install it
@@ -50,14 +50,16 @@ def _error(state: ServerState, exc: VoxflowError) -> JSONResponse:
 
 
 class _SpeechResponse(SynthesisResponse):
-    def __init__(self, state: ServerState, stream: SynthesisStream, ticket: Ticket, writer: BodyWriter) -> None:
+    def __init__(self, state: ServerState, stream: SynthesisStream, ticket: Ticket, writer: BodyWriter, text: str) -> None:
         self._writer = writer
+        self._written = WrittenWords()  # the request's own text, for `alignment`
+        self._written.feed(text)
         super().__init__(stream, ticket, state.metrics, state.settings.server.send_timeout_seconds, writer.media_type)
 
     async def write_body(self) -> AsyncIterator[bytes]:
         async for event in self.events():
             if isinstance(event, WordTimestamp):
-                self._writer.add_word(event.word, event.start, event.end)
+                self._writer.add_word(event.word, event.start, event.end, self._written.match(event.word))
             elif data := self._writer.add_audio(event.pcm):
                 yield data
         if tail := self._writer.finish():
@@ -88,7 +90,7 @@ def _endpoint(state: ServerState, writer: Callable[[OutputFormat], BodyWriter]) 
             if isinstance(exc, VoxflowError):
                 return _error(state, exc)
             raise
-        return _SpeechResponse(state, stream, ticket, writer(spoken.output_format))
+        return _SpeechResponse(state, stream, ticket, writer(spoken.output_format), spoken.text)
 
     return speak
 

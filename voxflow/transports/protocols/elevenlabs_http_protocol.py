@@ -245,7 +245,7 @@ class BodyWriter(Protocol):
 
     media_type: str
 
-    def add_word(self, word: str, start: float, end: float) -> None: ...
+    def add_word(self, word: str, start: float, end: float, written: str | None = None) -> None: ...
 
     def add_audio(self, pcm: bytes) -> bytes: ...
 
@@ -259,7 +259,7 @@ class AudioWriter:
         self.media_type = fmt.audio.media_type
         self._encoder = fmt.audio.encoder(fmt.sample_rate)
 
-    def add_word(self, word: str, start: float, end: float) -> None:
+    def add_word(self, word: str, start: float, end: float, written: str | None = None) -> None:
         pass  # these responses carry no timing
 
     def add_audio(self, pcm: bytes) -> bytes:
@@ -288,20 +288,25 @@ class _Base64:
 
 
 class _Timed:
-    """What both timestamped bodies share: the encoder, the aligner and the audio's length."""
+    """What both timestamped bodies share: the encoder, the aligners and the audio's length.
+
+    `alignment` carries the words as the client wrote them (elevenlabs_protocol.WrittenWords),
+    `normalized_alignment` as they were spoken; both at the same times.
+    """
 
     def __init__(self, fmt: OutputFormat) -> None:
         self._rate = fmt.sample_rate
         self._encoder: Encoder = fmt.audio.encoder(fmt.sample_rate)
-        self._aligner = Aligner()
+        self._written, self._spoken = Aligner(), Aligner()
         self._samples = 0
 
     @property
     def _seconds(self) -> float:
         return self._samples / self._rate
 
-    def add_word(self, word: str, start: float, end: float) -> None:
-        self._aligner.add_word(word, start, end)
+    def add_word(self, word: str, start: float, end: float, written: str | None = None) -> None:
+        self._written.add_word(written or word, start, end)
+        self._spoken.add_word(word, start, end)
 
     def _encode(self, pcm: bytes) -> bytes:
         self._samples += len(pcm) // 2
@@ -333,9 +338,9 @@ class TimestampedDocument(_Timed):
 
     def finish(self) -> bytes:
         audio = self._base64.encode(self._encoder.finish()) + self._base64.finish()
-        alignment = _json(self._aligner.finish(self._seconds).to_json())
-        # normalized_alignment repeats alignment: voxflow speaks the (cleaned) text it aligns.
-        tail = b'","alignment":' + alignment + b',"normalized_alignment":' + alignment + b"}"
+        written = _json(self._written.finish(self._seconds).to_json())
+        spoken = _json(self._spoken.finish(self._seconds).to_json())
+        tail = b'","alignment":' + written + b',"normalized_alignment":' + spoken + b"}"
         return self._take_head() + audio + tail
 
 
@@ -352,21 +357,29 @@ class TimestampedLines(_Timed):
 
     def add_audio(self, pcm: bytes) -> bytes:
         audio = self._encode(pcm)
-        return chunk_line(audio, self._aligner.take(self._seconds)) if audio else b""
+        if not audio:
+            return b""
+        return chunk_line(audio, self._written.take(self._seconds), self._spoken.take(self._seconds))
 
     def finish(self) -> bytes:
-        audio, rest = self._encoder.finish(), self._aligner.finish(self._seconds)
-        return chunk_line(audio, rest) if audio or rest.characters else b""
+        audio = self._encoder.finish()
+        written, spoken = self._written.finish(self._seconds), self._spoken.finish(self._seconds)
+        return chunk_line(audio, written, spoken) if audio or written.characters or spoken.characters else b""
 
 
 def _json(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def chunk_line(audio: bytes, alignment: CharacterAlignment) -> bytes:
-    """One line of `/stream/with-timestamps`."""
-    aligned = alignment.to_json() if alignment.characters else None
-    return _json({"audio_base64": base64.b64encode(audio).decode("ascii"), "alignment": aligned, "normalized_alignment": aligned}) + b"\n"
+def chunk_line(audio: bytes, written: CharacterAlignment, spoken: CharacterAlignment) -> bytes:
+    """One line of `/stream/with-timestamps`; an alignment is null when none of its characters
+    starts in the line (the two may differ: "**Hello**" has more characters than Hello)."""
+
+    def aligned(alignment: CharacterAlignment) -> dict[str, list] | None:
+        return alignment.to_json() if alignment.characters else None
+
+    body = {"audio_base64": base64.b64encode(audio).decode("ascii"), "alignment": aligned(written), "normalized_alignment": aligned(spoken)}
+    return _json(body) + b"\n"
 
 
 # -- errors -------------------------------------------------------------------------------------
