@@ -33,10 +33,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from report import add_check_flag, conclude, stamp
-from throughput import FIRST_AUDIO_P95_MS, JITTER_S, PARAGRAPHS, RATE, Playback, cpu_seconds, largest_holding
+from throughput import JITTER_S, PARAGRAPHS, RATE, Playback, cpu_seconds, largest_holding, streams_row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster_harness import Cluster, running_cluster  # noqa: E402
@@ -85,20 +84,7 @@ async def streams_at(cluster: Cluster, n: int, tps: float) -> dict:
     finally:
         for client in clients:
             await client.aclose()
-    firsts = [r.first_audio_ms for r in runs if r.first_audio_ms is not None]
-    audio = sum(r.audio_s for r in runs)
-    row = {
-        "streams": n,
-        "connections_per_replica": spread,
-        "stalls": sum(r.stalls for r in runs),
-        "streams_stalled": sum(1 for r in runs if r.stalls),
-        "first_audio_p50_ms": float(np.percentile(firsts, 50)) if firsts else None,
-        "first_audio_p95_ms": float(np.percentile(firsts, 95)) if firsts else None,
-        "errors": [r.error for r in runs if r.error],
-        "replicas_cpu_per_audio_s": cpu / audio if audio else None,
-    }
-    row["holds"] = not row["stalls"] and not row["errors"] and len(firsts) == n and row["first_audio_p95_ms"] <= FIRST_AUDIO_P95_MS
-    return row
+    return streams_row(runs, cpu, "replicas_cpu_per_audio_s", connections_per_replica=spread)
 
 
 async def capacity(cluster: Cluster, counts: list[int], tps: float) -> list[dict]:

@@ -191,25 +191,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def streams_row(runs: list[Playback], cpu: float, cpu_key: str, **extra: object) -> dict:
+    """One stream count's figures; `holds` when every stream played without a stall or error
+    and p95 first audio met the target."""
+    firsts = [r.first_audio_ms for r in runs if r.first_audio_ms is not None]
+    audio = sum(r.audio_s for r in runs)
+    row = {
+        "streams": len(runs),
+        **extra,
+        "stalls": sum(r.stalls for r in runs),
+        "streams_stalled": sum(1 for r in runs if r.stalls),
+        "first_audio_p50_ms": float(np.percentile(firsts, 50)) if firsts else None,
+        "first_audio_p95_ms": float(np.percentile(firsts, 95)) if firsts else None,
+        "errors": [r.error for r in runs if r.error],
+        cpu_key: cpu / audio if audio else None,
+    }
+    row["holds"] = not row["stalls"] and not row["errors"] and len(firsts) == len(runs) and row["first_audio_p95_ms"] <= FIRST_AUDIO_P95_MS
+    return row
+
+
 async def sweep(url: str, pid: int, counts: list[int], tps: float | None) -> list[dict]:
     rows = []
     for n in counts:
         cpu_before = cpu_seconds(pid)
         runs = await asyncio.gather(*(speak(url, f"s{i}", PARAGRAPHS[i % len(PARAGRAPHS)], tps) for i in range(n)))
         cpu = cpu_seconds(pid) - cpu_before
-        firsts = [r.first_audio_ms for r in runs if r.first_audio_ms is not None]
-        audio = sum(r.audio_s for r in runs)
-        row = {
-            "streams": n,
-            "stalls": sum(r.stalls for r in runs),
-            "streams_stalled": sum(1 for r in runs if r.stalls),
-            "first_audio_p50_ms": float(np.percentile(firsts, 50)) if firsts else None,
-            "first_audio_p95_ms": float(np.percentile(firsts, 95)) if firsts else None,
-            "errors": [r.error for r in runs if r.error],
-            "server_cpu_per_audio_s": cpu / audio if audio else None,
-        }
-        row["holds"] = not row["stalls"] and not row["errors"] and len(firsts) == n and row["first_audio_p95_ms"] <= FIRST_AUDIO_P95_MS
-        rows.append(row)
+        rows.append(streams_row(runs, cpu, "server_cpu_per_audio_s"))
         await asyncio.sleep(1.0)  # let the server settle between counts
     return rows
 
