@@ -515,7 +515,9 @@ def audio_message(chunk: AudioChunk, context_id: str | None = None, *, sync_alig
     """A message without characters carries null alignments, or empty ones with sync_alignment."""
 
     def alignment(a: Alignment) -> dict[str, list] | None:
-        return a.to_json() if chunk.normalized.chars or sync_alignment else None
+        # Each on its own: "**Hello**" has more characters than Hello, so a message can hold
+        # some of one and none of the other.
+        return a.to_json() if a.chars or sync_alignment else None
 
     body = {
         "audio": base64.b64encode(chunk.audio).decode("ascii"),
