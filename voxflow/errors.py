@@ -79,3 +79,17 @@ class VoiceStoreError(VoxflowError):
 
     code = "voice_store_failed"
     http_status = 500
+
+
+class ConsentRequired(VoxflowError):
+    """A matched voice was asked for without a consent statement or an operator attestation."""
+
+    code = "consent_required"
+    http_status = 400
+
+
+class ConsentRefused(VoxflowError):
+    """The consent statement does not say the statement's words, or is not the reference's speaker."""
+
+    code = "consent_refused"
+    http_status = 422

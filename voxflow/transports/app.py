@@ -40,6 +40,7 @@ from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
 from .voices_http import install as install_voices
+from .watermark_http import install as install_watermark
 from .web_page import install as install_web_page
 from .webrtc_http import install as install_webrtc
 from .wyoming_server import install as install_wyoming
@@ -242,6 +243,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     # Wire protocols: each module adds its routes on top of the shared state.
     # (one `install(app, state)` call per protocol module, in this block)
     install_voices(app, state)  # GET, POST /v1/voices, DELETE /v1/voices/{name}
+    install_watermark(app, state)  # POST /v1/watermark/detect
     install_native(app, state)
     install_openai(app, state)
     install_elevenlabs(app, state)
