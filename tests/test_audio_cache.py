@@ -71,6 +71,18 @@ def test_round_trip_and_stats(tmp_path):
     cache.close()
 
 
+def test_forgetting_a_voice_deletes_its_entries_only(tmp_path):
+    cache = AudioCache(tmp_path / "c.sqlite3", 10_000)
+    for n in range(3):
+        cache.put(key(n, voice="gone"), utterance(n))
+        cache.put(key(n, voice="kept"), utterance(n))
+    cache.forget_voice("gone")
+    assert [cache.get(key(n, voice="gone")) for n in range(3)] == [None] * 3
+    assert [cache.get(key(n, voice="kept")) for n in range(3)] == [utterance(n) for n in range(3)]
+    assert cache.stats().entries == 3
+    cache.close()
+
+
 def test_key_normalizes_whitespace_and_unicode_but_keeps_case():
     base = key(0, text="Hello there, friend.")
     assert key(0, text="  Hello \t there,   friend.\n").digest == base.digest

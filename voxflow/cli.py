@@ -11,12 +11,15 @@ import sys
 import time
 import wave
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .config import EngineConfig, load_config
 from .errors import InvalidRequest, VoiceFileError, VoxflowError
 from .streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from .voices.styles import PRESETS, resolve_style
+
+if TYPE_CHECKING:
+    from .voices.registry import VoiceRegistry
 
 
 def _process_age_seconds() -> float:
@@ -238,8 +241,10 @@ def cmd_voices(args: argparse.Namespace) -> int:
         return 0
     if args.action == "remove":
         info = registry.remove(args.target)
-        print(f"removed {info.name}: {info.model_path}")
+        print(f"removed {info.name}: {info.match.name + ' (matched to ' + info.match.base_voice + ')' if info.match else info.model_path}")
         return 0
+    if args.action == "match":
+        return _match_voice(args, config, registry)
     rows = [
         {"name": s.info.name, "language": s.info.language, "sample_rate": s.info.sample_rate, "quality": s.info.quality,
          "speakers": s.info.num_speakers, "espeak_voice": s.info.espeak_voice, "source": s.source}
@@ -251,6 +256,35 @@ def cmd_voices(args: argparse.Namespace) -> int:
         print(f"{'name':<28} {'language':<9} {'rate':>6} {'quality':<8} {'speakers':>8}  source")
         for r in rows:
             print(f"{r['name']:<28} {r['language']:<9} {r['sample_rate']:>6} {r['quality']:<8} {r['speakers']:>8}  {r['source']}")
+    return 0
+
+
+def _match_voice(args: argparse.Namespace, config: EngineConfig, registry: VoiceRegistry) -> int:
+    from .streaming.engine import Engine
+    from .voices.make_match import ConsentInput, make_profile
+
+    if not args.reference:
+        raise InvalidRequest("voxflow voices match needs --reference FILE... (at least 60 s of the speaker's speech)")
+    base = registry.info(args.base)
+    if base.match is not None:
+        raise InvalidRequest(f"{base.name} is itself a matched voice; match from a Piper voice")
+    consent = ConsentInput(Path(args.consent) if args.consent else None, args.attest)
+    engine = Engine(config)
+    try:
+        def speak(text: str) -> tuple[Any, int]:
+            utterance = engine.synthesize(text, voice=base.name)
+            return utterance.audio, utterance.sample_rate
+
+        profile = make_profile(args.target, base.name, [Path(p) for p in args.reference], consent, speak)
+    finally:
+        engine.close()
+    registry.add_match(profile)
+    print(
+        f"matched {profile.name} from {base.name}: {profile.reference_seconds:.0f} s of reference speech, "
+        f"{profile.encoder} similarity {profile.base_similarity:.2f} -> {profile.similarity:.2f} "
+        f"(formant ratio {profile.params.formant_ratio:g}, pitch {profile.params.base_pitch.median_hz:.0f} -> "
+        f"{profile.params.target_pitch.median_hz:.0f} Hz), consent {profile.consent.method}"
+    )
     return 0
 
 
@@ -398,6 +432,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0 if result.settled else 1
 
 
+def cmd_watermark(args: argparse.Namespace) -> int:
+    """Exit status 0: the watermark is there; 1: it is not; 2: the file cannot be read."""
+    from .voices.watermark import detect_command
+
+    return detect_command(args.file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxflow", description="Streaming neural text-to-speech.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -470,13 +511,24 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=cmd_agent)
 
     voices = sub.add_parser("voices", help="list voices, or add or remove one in the voice directories (docs/voices.md)")
-    voices.add_argument("action", nargs="?", choices=("list", "add", "remove"), default="list",
+    voices.add_argument("action", nargs="?", choices=("list", "add", "remove", "match"), default="list",
                         help="list (the default); add copies a voice into the first --voice-dir; remove deletes one")
     voices.add_argument("target", nargs="?", help="add: the .onnx file (its .onnx.json beside it); remove: the voice's name")
     voices.add_argument("--name", help="add: the name of the copy (default: the file's name less .onnx)")
     voices.add_argument("--json", action="store_true", help="list: print one JSON array")
+    voices.add_argument("--reference", nargs="+", metavar="FILE", help="match: recordings of the speaker, >= 60 s of speech")
+    voices.add_argument("--base", help="match: the Piper voice to transform (default: the default voice)")
+    how = voices.add_mutually_exclusive_group()
+    how.add_argument("--consent", metavar="FILE", help="match: the speaker reading the consent statement (docs/voices.md)")
+    how.add_argument("--attest", metavar="TEXT", help="match: the recordings' source and licence, for a speaker who cannot record a statement")
     _engine_args(voices)
     voices.set_defaults(func=cmd_voices)
+
+    watermark = sub.add_parser("watermark", help="check an audio file for the watermark of voxflow's matched voices")
+    watermark_sub = watermark.add_subparsers(dest="action", required=True)
+    watermark_detect = watermark_sub.add_parser("detect", help="print the score; exit 0 if marked, 1 if not, 2 if unreadable")
+    watermark_detect.add_argument("file", help="audio file (wav, mp3, ogg, flac, ...)")
+    watermark_detect.set_defaults(func=cmd_watermark)
     return parser
 
 

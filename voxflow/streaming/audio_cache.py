@@ -38,7 +38,7 @@ T = TypeVar("T")
 # Part of every key's digest: bump it when rendering changes, so old audio is never replayed.
 _KEY_VERSION = 1
 # PRAGMA user_version of the file; a file with another layout is emptied.
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the voice column, so a removed voice's entries go with it
 _CORRUPTION = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 _WHITESPACE = re.compile(r"\s+")
 
@@ -59,7 +59,7 @@ class CacheKey:
     """Everything the audio of an utterance spoken from a fresh context depends on."""
 
     voice: str
-    voice_version: str  # the voice file's size and mtime: a replaced file must not replay old audio
+    voice_version: str  # VoiceInfo.version(): a replaced voice file or profile must not replay old audio
     style: Style
     speaker: int | None
     seed: int
@@ -132,6 +132,7 @@ _SCHEMA = (
     "DROP TABLE IF EXISTS utterances",
     """CREATE TABLE utterances (
         key TEXT PRIMARY KEY,
+        voice TEXT NOT NULL,
         size INTEGER NOT NULL,
         last_used INTEGER NOT NULL,
         sample_rate INTEGER NOT NULL,
@@ -142,6 +143,7 @@ _SCHEMA = (
     )""",
     # Covers MAX(last_used) for the clock, SUM(size) for the bound and the eviction order.
     "CREATE INDEX utterances_by_use ON utterances (last_used, size)",
+    "CREATE INDEX utterances_by_voice ON utterances (voice)",
     f"PRAGMA user_version = {_SCHEMA_VERSION}",
 )
 _NEXT_USE = "(SELECT COALESCE(MAX(last_used), 0) + 1 FROM utterances)"
@@ -190,13 +192,13 @@ class AudioCache:
             return
         words = _encode_words(utterance.words)
         checksum = _checksum(utterance.pcm, words)
-        row = (key.digest, size, utterance.sample_rate, utterance.frame_samples, checksum, words, utterance.pcm)
+        row = (key.digest, key.voice, size, utterance.sample_rate, utterance.frame_samples, checksum, words, utterance.pcm)
 
         def write(conn: sqlite3.Connection) -> None:
             with _write_transaction(conn):
                 conn.execute(
-                    "INSERT OR REPLACE INTO utterances (key, size, last_used, sample_rate, frame_samples, checksum, words, pcm)"
-                    f" VALUES (?, ?, {_NEXT_USE}, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO utterances (key, voice, size, last_used, sample_rate, frame_samples, checksum, words, pcm)"
+                    f" VALUES (?, ?, ?, {_NEXT_USE}, ?, ?, ?, ?, ?)",
                     row,
                 )
                 excess = conn.execute("SELECT SUM(size) FROM utterances").fetchone()[0] - self.max_bytes
@@ -204,6 +206,10 @@ class AudioCache:
                     conn.execute(_EVICT, (excess,))
 
         self._run(write, None)
+
+    def forget_voice(self, voice: str) -> None:
+        """Delete every entry of a voice (it was removed: its audio must not outlive it)."""
+        self._run(lambda c: c.execute("DELETE FROM utterances WHERE voice = ?", (voice,)), None)
 
     def stats(self) -> CacheStats:
         entries, total = self._run(

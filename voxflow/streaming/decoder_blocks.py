@@ -40,6 +40,13 @@ class Window:
     frames: int
 
 
+# A change applied to each rendered window (a matched voice's transform, its watermark):
+# (window audio, start, end) -> the window audio with samples [start, end) changed. The span
+# is the block plus the crossfade before it, so both renderings of a crossfade are changed; the
+# rest of the window is context the effect may analyse.
+WindowEffect = Callable[[np.ndarray, int, int], np.ndarray]
+
+
 def _fade_in(n: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n, dtype=np.float32) + 0.5) / n)).astype(np.float32)
 
@@ -53,8 +60,10 @@ class BlockDecoder:
         hop: int,
         receptive_frames: int,
         options: BlockOptions = BlockOptions(),
+        effect: WindowEffect | None = None,
     ) -> None:
         self.decode = decode
+        self.effect = effect
         self.hop = hop
         self.options = options
         self.context = receptive_frames if options.context_frames is None else options.context_frames
@@ -114,7 +123,11 @@ class BlockDecoder:
     @torch.inference_mode()
     def render(self, window: Window) -> np.ndarray:
         """Run the decoder on a window. Touches no state: a chunk's windows may render at once."""
-        return self.decode(window.latents)[0, 0].float().cpu().numpy()
+        audio = self.decode(window.latents)[0, 0].float().cpu().numpy()
+        if self.effect is None:
+            return audio
+        body_start = window.left * self.hop
+        return self.effect(audio, max(0, body_start - self.options.crossfade_samples), body_start + window.frames * self.hop)
 
     def stitch(self, window: Window, audio: np.ndarray) -> np.ndarray:
         """Crop a rendered window to its block and join it to the audio before, in block order."""

@@ -165,7 +165,7 @@ class Engine:
             z, durations = v.model.infer_latents(ids, scales, sid, noise)
             words += word_timestamps("", sentence.words, durations.tolist(), seconds_per_frame, offset)
             decoder = BlockDecoder(
-                lambda latents: v.decoder(latents, g), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS
+                lambda latents: v.decoder(latents, g), v.hop_length, v.decoder_receptive_frames, WHOLE_TEXT_BLOCKS, v.effect
             )
             joined = decoder.begin_chunk(z)
             pieces += [decoder.decode_block(joined, start, end) for start, end in decoder.plan(z.shape[2])]
@@ -184,6 +184,12 @@ class Engine:
         for piece in chunker.push(text) + chunker.end():
             if piece.text:
                 yield from v.phonemizer.phonemize_sentences(piece.text)
+
+    def remove_voice(self, name: str) -> None:
+        """Remove a voice's files (VoiceRegistry.remove) and its audio cache entries (blocking)."""
+        self.voices.remove(name)
+        if self.cache is not None:
+            self.cache.forget_voice(name)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

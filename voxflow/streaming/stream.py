@@ -314,11 +314,11 @@ class SynthesisStream:
         """The key of `text` spoken from a fresh context, or None when it is not to be cached."""
         assert self._cache is not None
         try:
-            model = self.info.model_path.stat()
+            version = self.info.version()
         except OSError:
             return None
         key = CacheKey(
-            self.info.name, f"{model.st_size}:{model.st_mtime_ns}", self._style, self._speaker_id, self._seed,
+            self.info.name, version, self._style, self._speaker_id, self._seed,
             text, self._framer.rate, self.options.frame_ms,
         )
         return key if 0 < len(key.text) <= self._cache.max_text_chars else None
@@ -358,7 +358,7 @@ class SynthesisStream:
         voice = self.voice
         scales = self._style.scales(voice.info.defaults)
         self._acoustic = AcousticState(voice.model, scales, self._speaker_id, self._seed, self.options.acoustic)
-        self._decoder = BlockDecoder(self._decode, voice.hop_length, voice.decoder_receptive_frames, self.options.blocks)
+        self._decoder = BlockDecoder(self._decode, voice.hop_length, voice.decoder_receptive_frames, self.options.blocks, voice.effect)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         # Speaker conditioning lives in the acoustic state, which computes it at its first step.

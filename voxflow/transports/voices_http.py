@@ -115,7 +115,7 @@ def install(app: FastAPI, state: ServerState) -> None:
     async def remove_voice(request: Request, name: str) -> JSONResponse:
         try:
             _authorize(state, request)
-            await state.engine.run(voices.remove, name)
+            await state.engine.run(state.engine.remove_voice, name)
         except VoxflowError as exc:
             return _error(state, exc)
         return JSONResponse(removed(name))

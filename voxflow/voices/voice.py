@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from ..errors import InvalidRequest, VoiceFileError
@@ -13,6 +16,9 @@ from .decoding import WindowDecoder, decoder_dtype
 from .phonemizer import EspeakPhonemizer
 from .weights_cache import load_voice_model
 from .vits import Scales, VitsSynthesizer
+
+if TYPE_CHECKING:
+    from .profile import MatchProfile
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class VoiceInfo:
     num_speakers: int = 1
     phoneme_id_map: dict[str, list[int]] = field(default_factory=dict, repr=False, compare=False)
     speaker_ids: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    # A matched voice: the base voice's files with this profile's transform and watermark.
+    match: MatchProfile | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def read(cls, model_path: Path, config_path: Path | None = None, name: str | None = None) -> "VoiceInfo":
@@ -64,6 +72,16 @@ class VoiceInfo:
         except (KeyError, TypeError, ValueError) as exc:
             raise VoiceFileError(f"{config_path}: missing or malformed field {exc}") from exc
 
+    def version(self) -> str:
+        """What a cached rendering of this voice depends on: the model file's size and mtime
+        (a replaced file must not replay old audio) and a matched voice's profile."""
+        model = self.model_path.stat()
+        version = f"{model.st_size}:{model.st_mtime_ns}"
+        if self.match is not None:
+            profile = json.dumps(self.match.params.to_json(), sort_keys=True).encode()
+            version += ":" + hashlib.sha256(profile).hexdigest()[:16]
+        return version
+
     def speaker_id(self, speaker: str | int | None) -> int | None:
         """Resolve a speaker name or index; None for single-speaker voices. Read from the JSON
         alone, so a stream's speaker is checked when it opens, before the weights are loaded."""
@@ -98,6 +116,10 @@ class Voice:
         # at most a few hundred characters, so the phonemizer's own cap would only get in the
         # way of whole-text synthesis.
         self.phonemizer = EspeakPhonemizer(info.espeak_voice, info.phoneme_id_map, max_chars=None)
+        # What every rendered decoder window goes through (decoder_blocks.WindowEffect).
+        self.effect: Callable[[np.ndarray, int, int], np.ndarray] | None = (
+            None if info.match is None else info.match.effect(info.sample_rate)
+        )
 
     @classmethod
     def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "float32") -> "Voice":

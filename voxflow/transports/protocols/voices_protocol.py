@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...errors import InvalidRequest
+from ...voices.profile import MatchProfile
 from ...voices.registry import VoiceStatus
 from .json_text import InvalidJson, loads_object
 
@@ -27,11 +28,26 @@ def voice_json(status: VoiceStatus) -> dict[str, Any]:
         "quality": info.quality,
         "speakers": list(info.speakers),  # names, in speaker id order
         "espeak_voice": info.espeak_voice,
-        "source": status.source,  # embedded, directory (found at start) or added (at run time)
+        "source": status.source,  # embedded, directory (found at start), added (at run time) or matched
         "num_speakers": info.num_speakers,
         "speaker_ids": dict(info.speaker_ids),  # name -> the index a request may give instead
         "loaded": status.loaded,
         "in_use": status.in_use,  # streams holding it now; a voice in use cannot be removed
+        "match": None if info.match is None else match_json(info.match),
+    }
+
+
+def match_json(profile: MatchProfile) -> dict[str, Any]:
+    """A matched voice: what it was matched from, how well, and its consent record."""
+    params = profile.params
+    return {
+        "base_voice": profile.base_voice,
+        "encoder": profile.encoder,
+        "similarity": {"base": profile.base_similarity, "matched": profile.similarity},
+        "reference_seconds": profile.reference_seconds,
+        "formant_ratio": params.formant_ratio,
+        "pitch_hz": {"base": round(params.base_pitch.median_hz, 1), "matched": round(params.target_pitch.median_hz, 1)},
+        "consent": profile.consent.to_json(),
     }
 
 
