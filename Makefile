@@ -39,6 +39,8 @@ demo: setup
 	$(VENV)/bin/voxflow say --stream --tps 50 --file demos/paragraph.txt -o demo.wav
 
 test: setup system-packages
+	# Real speech for the voice-matching tests: Debian's Asterisk prompts, cached in ~/.cache.
+	$(PY) tests/recordings.py fetch
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import print_table, stamp, write_json
+from report import add_check_flag, finish, print_table, stamp, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from recordings import RATE, SPEAKERS, load  # noqa: E402
@@ -251,6 +251,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="parts to leave out: speakers, words")
     parser.add_argument("--snrs", default="clean,30,20", help="speaker part: clean and/or white-noise SNRs in dB")
     parser.add_argument("--out", default="benchmarks/results/consent-scores.json")
+    add_check_flag(parser)
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     snrs = tuple(None if s == "clean" else float(s) for s in args.snrs.split(","))
@@ -281,6 +282,20 @@ def main() -> None:
             print(f"word part: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     print_table(rows)
     write_json(args.out, result)
+    # --check: at SPEAKER_THRESHOLD, no other speaker accepted and at most 5 % of the same
+    # speaker's clean clips refused; every clean reading of the statement passes the word check
+    # and nothing that is not the statement does.
+    missed = []
+    if "speakers" not in skip:
+        clean = result["speaker_rates"]["clean"][f"{consent.SPEAKER_THRESHOLD:.2f}"]
+        if clean["false_accepts"] or clean["false_reject"] > 0.05:
+            missed.append(f"speaker check: {clean['false_accepts']} false accepts, {clean['false_reject']:.1%} false rejects (clean)")
+    if "words" not in skip:
+        if not all(w["passed"] for w in result["words"]["statement"] if w["snr"] == "clean"):
+            missed.append("a clean reading of the statement failed the word check")
+        if any(w["passed"] for w in result["words"]["not_statement"]):
+            missed.append("speech that is not the statement passed the word check")
+    finish(missed, args.check)
 
 
 if __name__ == "__main__":

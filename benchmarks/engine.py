@@ -50,8 +50,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def first_frame_after_flush(engine: Engine, text: str) -> float:
-    stream = engine.open_stream()
+async def first_frame_after_flush(engine: Engine, text: str, voice: str | None = None) -> float:
+    stream = engine.open_stream(voice=voice)
     start = time.perf_counter()
     await stream.push(text)
     await stream.flush()

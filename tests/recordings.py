@@ -9,6 +9,9 @@ at run time reads them.
     SPEAKERS["allison"].reference()   # >= 60 s of prompts to match a voice to
     SPEAKERS["allison"].held_out()    # other prompts of the same speaker, never in the reference
 
+    python tests/recordings.py fetch               # download all (make test does)
+    python tests/recordings.py allison reference/  # a speaker's reference as WAV files
+
 The cache is $VOXFLOW_RECORDINGS, or ~/.cache/voxflow/recordings.
 """
 
@@ -89,7 +92,13 @@ def fetch(package: str) -> Path:
         return target
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", "-q", package], cwd=tmp, check=True, capture_output=True)
+        download = ["apt-get", "download", "-q", package]
+        if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
+            # A machine whose package lists were never fetched (a fresh container) knows no
+            # package to download yet.
+            sudo = [] if os.geteuid() == 0 else ["sudo"]
+            subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
+            subprocess.run(download, cwd=tmp, check=True, capture_output=True)
         (deb,) = Path(tmp).glob("*.deb")
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
     (target / ".complete").touch()
@@ -129,8 +138,12 @@ def export(speaker: str, directory: Path) -> list[Path]:
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:] == ["fetch"]:  # `make test` fetches them all before the tests start
+        for speaker in SPEAKERS.values():
+            print(f"{speaker.name}: {fetch(speaker.package)}")
+        sys.exit()
     if len(sys.argv) != 3 or sys.argv[1] not in SPEAKERS:
-        sys.exit(f"usage: python tests/recordings.py {{{','.join(SPEAKERS)}}} DIRECTORY")
+        sys.exit(f"usage: python tests/recordings.py fetch | {{{','.join(SPEAKERS)}}} DIRECTORY")
     files = export(sys.argv[1], Path(sys.argv[2]))
     seconds = sum(len(load(p)) for p in SPEAKERS[sys.argv[1]].reference()) / RATE
     print(f"wrote {len(files)} files, {seconds:.0f} s, to {sys.argv[2]}")
