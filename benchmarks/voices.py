@@ -7,7 +7,8 @@ attestation: the recordings are licensed prompts). Then, against the speaker's h
 - similarity on both encoders (d-vector, which tuning uses; GE2E, the independent judge) of the
   base voice, the matched voice, the ceiling (other held-out clips of the speaker) and the floor
   (the other real speakers);
-- pocketsphinx WER of the base and matched voices on the same sentences;
+- pocketsphinx WER of the base and matched voices on the same sentences, the matched voice
+  rendered whole and streamed word by word;
 - the first frame after a flushed 6-word clause, base and matched, in-process;
 - the compute the matched voice adds per second of audio (transform and watermark);
 - the watermark on matched output, 1 s and 3 s clips, clean, after Opus 16 kbps and MP3
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from consent_scores import JOE_CLIPS
 from engine import first_frame_after_flush
 from watermark_measure import CONDITIONS, random_clips, tiled_clips
 from report import add_check_flag, conclude, stamp
@@ -39,6 +41,7 @@ from speech import transcribe, word_error_rate  # noqa: E402
 
 from voxflow.config import EngineConfig  # noqa: E402
 from voxflow.streaming.engine import Engine  # noqa: E402
+from voxflow.streaming.events import AudioFrame  # noqa: E402
 from voxflow.voices import consent  # noqa: E402
 from voxflow.voices.make_match import ConsentInput, make_profile  # noqa: E402
 from voxflow.voices.registry import VoiceRegistry  # noqa: E402
@@ -47,14 +50,7 @@ from voxflow.voices.watermark import Watermarker  # noqa: E402
 
 REFERENCES = ("allison", "carlo")
 # Never among make_match.TUNING_SENTENCES: the judged sentences are new to the tuning too.
-EVAL_SENTENCES = (
-    "The quick brown fox jumps over the lazy dog.",
-    "Please leave a message after the tone and we will call you back.",
-    "It is a quarter past nine and the train is running late.",
-    "We can meet at the library next Tuesday afternoon.",
-    "My sister bought a red bicycle at the market yesterday.",
-    "Remember to water the plants before you go on holiday.",
-)
+EVAL_SENTENCES = JOE_CLIPS[:6]
 SIX_WORDS = ("Let me check that for you.", "The table is booked for seven.", "Your parcel arrives on Monday morning.")
 
 
@@ -69,6 +65,20 @@ def render(engine: Engine, voice: str, sentences=EVAL_SENTENCES) -> tuple[list[n
     cpu = time.process_time()
     utterances = [engine.synthesize(text, voice=voice) for text in sentences]
     return [u.audio for u in utterances], utterances[0].sample_rate, time.process_time() - cpu
+
+
+async def streamed(engine: Engine, voice: str) -> list[np.ndarray]:
+    """Each sentence streamed word by word, as an LLM's tokens arrive (no pacing: the chunker
+    sees the same text in the same pieces on every run)."""
+    out = []
+    for text in EVAL_SENTENCES:
+        stream = engine.open_stream(voice=voice, cached=False)
+        for word in text.split(" "):
+            await stream.push(word + " ")
+        await stream.end()
+        pcm = b"".join([e.pcm async for e in stream if isinstance(e, AudioFrame)])
+        out.append(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768)
+    return out
 
 
 def wer(audios: list[np.ndarray], rate: int) -> float:
@@ -173,13 +183,14 @@ def main() -> None:
             targets[f"{name}_dvector_gain"] = figures["d-vector"]["matched"] >= figures["d-vector"]["base"] + 0.15
 
             matched_wer = wer(audio, rate)
+            streamed_wer = wer(asyncio.run(streamed(engine, voice)), rate)
             first = firsts[voice]
             added = (cpu - base_cpu * seconds / base_seconds) / seconds
-            figures.update(wer=round(matched_wer, 3), first_frame_ms=round(first, 1), added_cpu_per_audio_s=round(added, 4))
-            rows.append((f"{name}: WER matched (base)", f"{matched_wer:.3f} ({base_wer:.3f})", "<= base + 0.05"))
+            figures.update(wer=round(matched_wer, 3), streamed_wer=round(streamed_wer, 3), first_frame_ms=round(first, 1), added_cpu_per_audio_s=round(added, 4))
+            rows.append((f"{name}: WER matched, whole / streamed (base)", f"{matched_wer:.3f} / {streamed_wer:.3f} ({base_wer:.3f})", "<= base + 0.05"))
             rows.append((f"{name}: first frame after flush, matched (base)", f"{first:.1f} ms ({base_first:.1f} ms)", "<= base + 10 ms"))
             rows.append((f"{name}: compute added per second of audio", f"{added:.3f} s", "<= 0.1 s"))
-            targets[f"{name}_wer"] = matched_wer <= base_wer + 0.05
+            targets[f"{name}_wer"] = max(matched_wer, streamed_wer) <= base_wer + 0.05
             targets[f"{name}_first_frame"] = first <= base_first + 10
             targets[f"{name}_compute"] = added <= 0.1
 

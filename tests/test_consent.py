@@ -22,11 +22,11 @@ from voxflow.voices.consent import ConsentRecord
 WATERMARK_ID = "perth-implicit-test"
 NAME = "kestrel"  # not in pocketsphinx's dictionary: the name is spoken but not checked
 JOE_REFERENCE = (
-    "The museum opens at ten in the morning and closes at six.",
-    "Our neighbours planted a row of apple trees along the fence.",
-    "If the weather stays dry, we will walk to the harbour after lunch.",
-    "He read the letter twice before he folded it into his pocket.",
-    "The bakery on the corner sells fresh bread every day except Sunday.",
+    "The library keeps its old maps in a cool room on the second floor.",
+    "After the storm the fishermen mended their nets on the quay.",
+    "My grandmother wrote long letters to her sister every winter.",
+    "The bus was late again, so we walked the last mile through the park.",
+    "A small cafe by the station serves the best soup in town.",
 )
 
 

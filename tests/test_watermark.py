@@ -19,11 +19,12 @@ import torch
 
 from recordings import SPEAKERS, load
 from recordings import RATE as RECORDING_RATE
+from server_harness import run_server
+from voxflow.audio_file import read_audio
 from voxflow.streaming.decoder_blocks import BlockDecoder, BlockOptions
 from voxflow.transports import watermark_http
 from voxflow.transports.protocols.audio_encoding import AvEncoder
 from voxflow.voices import watermark
-from voxflow.audio_file import read_audio
 from voxflow.voices.watermark import WATERMARK_ID, Watermarker
 from voxflow.wav import wav_file
 
@@ -254,3 +255,13 @@ def test_http_detect(server, speech: np.ndarray, marked: np.ndarray, monkeypatch
     refused(httpx.post(url, content=b"", headers={"content-type": "audio/wav"}, timeout=TIMEOUT), 400, "invalid_request")
     monkeypatch.setattr(watermark_http, "MAX_UPLOAD_MB", 64 / 2**20)  # 64 bytes
     refused(httpx.post(url, content=marked_wav, headers={"content-type": "audio/wav"}, timeout=TIMEOUT), 413, "limit_exceeded")
+
+
+def test_http_detect_is_refused_past_the_checks_in_flight(engine, marked: np.ndarray) -> None:
+    """Each check holds a compute thread: past `max_watermark_checks` in flight, 503 (here the
+    cap is 0, so the first one is past it) and nothing is decoded."""
+    with run_server(engine, max_watermark_checks=0) as busy:
+        r = httpx.post(f"{busy.http}/v1/watermark/detect", content=wav_file((marked[:VOICE_RATE] * 32767).astype("<i2").tobytes(), VOICE_RATE),
+                       headers={"content-type": "audio/wav"}, timeout=TIMEOUT)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "limit_exceeded" and "watermark check" in r.json()["error"]["message"]

@@ -65,6 +65,9 @@ class ServerConfig:
     auth_timeout_seconds: float = 5.0  # a socket that sends no key within this is closed
     max_http_streams: int = 32  # POST /v1/audio/speech responses being streamed
     max_http_streams_per_identity: int = 8
+    # POST /v1/watermark/detect in flight: each holds a compute thread for up to ~2 s (120 s of
+    # audio), time taken from synthesis, so one at a time unless the operator says otherwise.
+    max_watermark_checks: int = 1
     max_conversations_per_identity: int = 2  # of AgentConfig.max_conversations
     max_wyoming_connections: int = 16
     max_wyoming_per_address: int = 4

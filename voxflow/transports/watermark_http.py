@@ -6,7 +6,8 @@ decoded with PyAV. The body is bounded (MAX_UPLOAD_MB, refused before it is read
 Content-Length says so) and must arrive within UPLOAD_SECONDS; the decoded audio is bounded too
 (MAX_AUDIO_SECONDS: compressed files are small for their length). Like the other endpoints that
 do work, it needs an API key where keys are configured and counts against the client's request
-rate. Decoding and detection run on a compute thread (`Engine.run`), never on the event loop.
+rate. Decoding and detection run on a compute thread (`Engine.run`), never on the event loop,
+and at most `max_watermark_checks` (1) at a time: past it, 503 `limit_exceeded`.
 
     {"found": true, "score": 0.998, "threshold": 0.25, "watermark": "perth-implicit-Y-GfemTlfVYp3fNWkt2zgQ"}
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .app import ServerState
 
 MAX_UPLOAD_MB = 25
-MAX_AUDIO_SECONDS = 300.0
+MAX_AUDIO_SECONDS = 120.0  # ~2 s of one compute thread (ServerConfig.max_watermark_checks)
 UPLOAD_SECONDS = 60.0  # the whole body, however it is sent
 
 
@@ -74,7 +75,8 @@ def install(app: FastAPI, state: ServerState) -> None:
     async def detect_watermark(request: Request) -> JSONResponse:
         limit = int(MAX_UPLOAD_MB * 2**20)
         try:
-            state.admission.check_new_work(identify_request(state.admission, request))
+            identity = identify_request(state.admission, request)
+            state.admission.check_new_work(identity)
             content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             multipart = content_type == "multipart/form-data"
             if not (multipart or content_type.startswith("audio/") or content_type == "application/octet-stream"):
@@ -87,7 +89,8 @@ def install(app: FastAPI, state: ServerState) -> None:
             data = await _file_part(request, body) if multipart else body
             if not data:
                 raise InvalidRequest("the upload is empty")
-            return JSONResponse(await state.engine.run(_detect, data))
+            with state.admission.admit(identity, "watermark_check", rate=False):
+                return JSONResponse(await state.engine.run(_detect, data))
         except VoxflowError as exc:
             state.metrics.errors.labels(exc.code).inc()
             return error_response(exc)

@@ -71,6 +71,7 @@ def pool_limits(config: ServerConfig, max_conversations: int) -> dict[str, PoolL
         "conversation": PoolLimits(max_conversations, config.max_conversations_per_identity),
         # MQTT requests in flight; the identity is the device (or Hermes site) that asked.
         "mqtt": PoolLimits(config.mqtt_max_in_flight, config.mqtt_max_per_device),
+        "watermark_check": PoolLimits(config.max_watermark_checks, config.max_watermark_checks),
     }
 
 
