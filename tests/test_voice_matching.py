@@ -86,6 +86,19 @@ def test_the_transform_moves_pitch_to_the_target_and_keeps_the_length(joe_speech
     assert median_pitch(out, rate) == pytest.approx(2 * median_pitch(audio, rate), rel=0.1)
 
 
+def test_spans_too_short_for_a_pitch_window_pass_through(joe_speech: tuple[np.ndarray, int]) -> None:
+    """A one-phoneme chunk with no context can be shorter than Praat's 60 ms pitch window."""
+    audio, rate = joe_speech
+    base = analyse(audio, rate)
+    stats = PitchStats.of(base.f0)
+    transform = VoiceTransform(MatchParams(stats, stats, 1.1, 1.0, tuple(0.0 for _ in range(129)), mean_aperiodicity(base)), rate)
+    middle = len(audio) // 2
+    for ms in (10, 50, 63, 70, 120):
+        clip = audio[middle : middle + rate * ms // 1000]
+        out = transform(clip)
+        assert len(out) == len(clip)
+
+
 def test_a_formant_ratio_above_one_raises_the_spectral_centroid(joe_speech: tuple[np.ndarray, int]) -> None:
     audio, rate = joe_speech
     base = analyse(audio, rate)

@@ -24,7 +24,7 @@ has the measured figures).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +32,7 @@ import soxr
 
 FRAME_MS = 5.0
 PITCH_FLOOR, PITCH_CEILING = 50.0, 500.0
+SHORTEST_S = 3.2 / PITCH_FLOOR  # Praat's pitch window is 3 periods of the floor; it refuses less
 # The equaliser curve's frequency grid: references are often 16 kHz (8 kHz wide); above its top
 # the curve holds its last value.
 EQ_GRID = np.linspace(0.0, 8000.0, 129)
@@ -194,8 +195,8 @@ class VoiceTransform:
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """The whole signal transformed (same length)."""
-        if len(audio) < MARGIN_S * self.rate:
-            return audio  # too short to analyse: a block edge of near-silence
+        if len(audio) < SHORTEST_S * self.rate:
+            return audio  # a tiny isolated chunk (a one-phoneme utterance): left as spoken
         pw = _pyworld()
         a = analyse(audio, self.rate, aperiodicity=False)
         p = self.params
@@ -218,14 +219,6 @@ class VoiceTransform:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    formant_ratio: float
-    pitch_spread: float
-    eq_strength: float
-    similarity: float
-
-
-@dataclass(frozen=True)
 class TuningGrid:
     """The values tried for each parameter. Measured on a female and a male reference
     (docs/BENCHMARKS.md, "Voices"): female voices peak near a ratio of 1.2, male near 1.1, and
@@ -244,7 +237,6 @@ class MatchResult:
     params: MatchParams
     base_similarity: float  # base voice vs the held-out reference sentences
     similarity: float  # matched voice vs the same
-    tried: list[Candidate] = field(default_factory=list)
 
 
 def tune(
@@ -288,8 +280,7 @@ def tune(
         for axis, values in enumerate(axes):
             points = [best[:axis] + (v,) + best[axis + 1 :] for v in values]
             best = max(points, key=score)
-    tried = [Candidate(*point, s) for point, s in scores.items()]
-    return MatchResult(params(*best), float(np.dot(embed(base_speech, base_rate), target)), scores[best], tried)
+    return MatchResult(params(*best), float(np.dot(embed(base_speech, base_rate), target)), scores[best])
 
 
 def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
