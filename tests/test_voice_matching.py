@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import parselmouth
 import pytest
@@ -204,6 +205,7 @@ async def test_a_matched_voice_streams_over_the_native_protocol_with_its_waterma
         with run_server(engine) as server:
             matched = await native_speech(server, NAME)
             base = await native_speech(server, DEFAULT_VOICE)
+            listed = {v["name"]: v for v in httpx.get(f"{server.http}/v1/voices", timeout=30).json()["voices"]}
     finally:
         engine.close()
 
@@ -212,6 +214,11 @@ async def test_a_matched_voice_streams_over_the_native_protocol_with_its_waterma
         pcm = b"".join(e.pcm for e in events if isinstance(e, AudioPacket))
         return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768, rate
 
+    assert listed[NAME]["source"] == "matched" and listed[DEFAULT_VOICE]["match"] is None
+    match = listed[NAME]["match"]
+    assert match["base_voice"] == DEFAULT_VOICE and match["similarity"]["matched"] > match["similarity"]["base"]
+    assert match["consent"]["method"] == "attested" and match["consent"]["attestation"] == ATTESTATION
+    assert match["consent"]["watermark_id"] == watermark.WATERMARK_ID and len(match["consent"]["reference_embedding"]) > 100
     assert native_seconds(matched) == pytest.approx(native_seconds(base), rel=0.05)
     assert watermark.detect(*audio(matched)).found
     assert not watermark.detect(*audio(base)).found
