@@ -122,8 +122,6 @@ def main() -> None:
     add_check_flag(parser)
     args = parser.parse_args()
 
-
-    encoders = {"d-vector": dvector_encoder(), "GE2E": ge2e_encoder()}
     voice_dir = Path(tempfile.mkdtemp(prefix="voxflow-voices-bench-"))
     config = EngineConfig(voice_dirs=(voice_dir,))
     base = config.voice
@@ -153,11 +151,15 @@ def main() -> None:
 
     engine = Engine(EngineConfig(voice_dirs=(voice_dir,)))
     try:
+        # Latency first: once this thread has run torch (the GE2E encoder), two OpenMP teams
+        # share the cores and libgomp throttles both (the Engine's docstring), which would slow
+        # every voice's first frame alike but blur the difference measured.
+        firsts = asyncio.run(first_frames(engine, [base, *(f"{n}-matched" for n in REFERENCES)], args.latency_runs))
+        base_first = firsts[base]
+        encoders = {"d-vector": dvector_encoder(), "GE2E": ge2e_encoder()}
         base_audio, rate, base_cpu = render(engine, base)
         base_seconds = sum(len(a) for a in base_audio) / rate
         base_wer = wer(base_audio, rate)
-        firsts = asyncio.run(first_frames(engine, [base, *(f"{n}-matched" for n in REFERENCES)], args.latency_runs))
-        base_first = firsts[base]
         result["base"] = {"wer": round(base_wer, 3), "first_frame_ms": round(base_first, 1), "cpu_per_audio_s": round(base_cpu / base_seconds, 4)}
         rows.append(("base voice: WER / first frame after flush", f"{base_wer:.3f} / {base_first:.1f} ms", "-"))
         for name in REFERENCES:
