@@ -46,7 +46,7 @@ def test_metrics_show_what_a_leak_shows_in_first(server):
 
 def test_health_counts_every_admission_pool(server):
     body = httpx.get(f"{server.http}/health", timeout=10).json()
-    assert set(body["admitted"]) == {"socket", "handshake", "http_stream", "webrtc", "wyoming", "conversation", "mqtt"}
+    assert set(body["admitted"]) == {"socket", "handshake", "http_stream", "webrtc", "wyoming", "conversation", "mqtt", "watermark_check"}
     assert body["connections"] == body["admitted"]["socket"] == 0
 
 
