@@ -18,7 +18,7 @@ from server_harness import run_server
 from test_audio_cache import say_whole
 from test_voices_http import native_seconds, native_speech
 from voxflow.config import EngineConfig
-from voxflow.errors import ConsentRefused, ConsentRequired, InvalidRequest, VoiceConflict, VoiceFileError
+from voxflow.errors import ConsentRefused, ConsentRequired, ForbiddenPath, InvalidRequest, VoiceConflict, VoiceFileError
 from voxflow.streaming.audio_cache import AudioCache
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
@@ -193,6 +193,10 @@ def test_the_registry_keeps_the_base_voice_while_a_matched_voice_needs_it(profil
     assert status.info.model_path == again.info(DEFAULT_VOICE).model_path
     with pytest.raises(VoiceConflict, match="already exists"):
         again.add_match(profile)
+    with pytest.raises(VoiceConflict):  # what `voxflow voices match` asks before its analysis
+        again.check_new_name(NAME)
+    with pytest.raises(ForbiddenPath):
+        VoiceRegistry([]).check_new_name("fresh")
     again.remove(NAME)
     assert not (tmp_path / (NAME + SUFFIX)).exists()
     assert again.info(DEFAULT_VOICE).model_path.exists()  # the base's files stay

