@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import anyio
 from fastapi import FastAPI, Request
@@ -41,6 +41,14 @@ STATUS_BY_CODE = {
 
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
+
+
+def validation_summary(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """pydantic's validation errors as one message ("field.sub: what is wrong; ...") and the
+    first field named (OpenAI's and ElevenLabs' error bodies carry it as `param`)."""
+    message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+    first = errors[0]["loc"] if errors else ()
+    return message, str(first[0]) if first else None
 
 
 def error_status(exc: VoxflowError) -> int:
@@ -179,8 +187,7 @@ class SynthesisResponse(StreamingResponse):
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse(error_body("invalid_request", details), status_code=400)
+        return JSONResponse(error_body("invalid_request", validation_summary(exc.errors())[0]), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictStr, Valid
 
 from ...errors import AtCapacity, InvalidRequest, VoxflowError
 from ...voices.styles import Style
-from ..core.http import error_status
+from ..core.http import error_status, validation_summary
 from .audio_encoding import Encoder
 from .elevenlabs_protocol import MAX_SEED, ElevenLabsError, OutputFormat, VoiceSettings, parse_output_format, resolve_voice
 
@@ -89,10 +89,8 @@ def parse_body(raw: bytes) -> SpeechBody:
     try:
         return SpeechBody.model_validate_json(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
-        first = errors[0]["loc"] if errors else ()
-        raise ElevenLabsHttpError(message, param=str(first[0]) if first else None) from None
+        message, param = validation_summary(exc.errors())
+        raise ElevenLabsHttpError(message, param=param) from None
 
 
 def check_text(text: str, max_chars: int) -> str:

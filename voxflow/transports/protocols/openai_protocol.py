@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ...errors import InvalidRequest, VoxflowError
 from ...voices.styles import PRESETS, SPEED_RANGE, Style
-from ..core.http import error_body, error_status
+from ..core.http import error_body, error_status, validation_summary
 from .audio_encoding import (
     AudioFormat,
     aac_format,
@@ -97,12 +97,7 @@ def parse_body(raw: bytes) -> SpeechBody:
     try:
         return SpeechBody.model_validate_json(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        message = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors
-        )
-        first = errors[0]["loc"] if errors else ()
-        raise SpeechParamError(message, str(first[0]) if first else None) from None
+        raise SpeechParamError(*validation_summary(exc.errors())) from None
 
 
 def check_input(text: str) -> str:
