@@ -8,10 +8,12 @@ reads every profile in the voice directories at start, as it reads Piper voices.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -37,6 +39,11 @@ class MatchProfile:
     base_similarity: float  # base voice vs held-out reference sentences, when it was tuned
     similarity: float  # matched voice vs the same sentences
     reference_seconds: float  # speech analysed
+
+    @cached_property
+    def digest(self) -> str:
+        """Identifies the transform: part of every cached rendering's key (VoiceInfo.version)."""
+        return hashlib.sha256(json.dumps(self.params.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def embedding(self) -> list[float]:

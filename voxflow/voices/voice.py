@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +77,7 @@ class VoiceInfo:
         model = self.model_path.stat()
         version = f"{model.st_size}:{model.st_mtime_ns}"
         if self.match is not None:
-            profile = json.dumps(self.match.params.to_json(), sort_keys=True).encode()
-            version += ":" + hashlib.sha256(profile).hexdigest()[:16]
+            version += ":" + self.match.digest
         return version
 
     def speaker_id(self, speaker: str | int | None) -> int | None:
