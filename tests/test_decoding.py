@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from voxflow.errors import InvalidRequest
-from voxflow.voices.decoding import BUCKET_FRAMES, WindowDecoder, bucket, cpu_has_native_bf16, decoder_dtype
+from voxflow.voices.decoding import (
+    BUCKET_FRAMES,
+    ChannelsLastConv,
+    WindowDecoder,
+    bucket,
+    cpu_has_native_bf16,
+    decoder_dtype,
+)
 from voxflow.voices.vits.hifigan import Generator, GeneratorConfig
 
 
@@ -38,6 +45,44 @@ def test_masked_padding_gives_the_unpadded_audio(voice, frames: int, pad: int, s
     hop = voice.hop_length
     assert padded.shape[2] == (frames + pad) * hop
     np.testing.assert_allclose(padded[..., : frames * hop].numpy(), bare.numpy(), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    transposed=st.booleans(),
+    kernel=st.integers(1, 7),
+    dilation=st.integers(1, 3),
+    stride=st.integers(1, 4),
+    groups=st.sampled_from([1, 2, 4]),
+    frames=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_a_channels_last_conv_computes_what_its_1d_conv_does(
+    transposed: bool, kernel: int, dilation: int, stride: int, groups: int, frames: int, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    if transposed:
+        conv = torch.nn.ConvTranspose1d(
+            8, 4, kernel, stride, padding=(kernel - 1) // 2, output_padding=stride - 1, groups=groups, dilation=max(dilation, stride)
+        )
+    else:
+        conv = torch.nn.Conv1d(8, 4, kernel, padding=(kernel - 1) // 2 * dilation, dilation=dilation, groups=groups)
+    x = torch.randn(2, 8, frames + kernel * dilation)
+    with torch.inference_mode():
+        want = conv(x)
+        got = ChannelsLastConv(conv)(x)
+        # What an earlier channels-last conv hands on: the same values with channels innermost.
+        time_major = ChannelsLastConv(conv)(x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(time_major.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_the_cpu_decoder_runs_channels_last_and_leaves_the_model_as_loaded(voice, fp32: WindowDecoder) -> None:
+    convs = [m for m in fp32.generator.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    assert convs == []
+    assert any(isinstance(m, ChannelsLastConv) for m in fp32.generator.modules())
+    assert all(not isinstance(m, ChannelsLastConv) for m in voice.model.dec.modules())
 
 
 def test_a_batch_of_windows_equals_each_window_alone(voice, fp32: WindowDecoder) -> None:
