@@ -8,14 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from voxflow.errors import InvalidRequest
-from voxflow.voices.decoding import (
-    BUCKET_FRAMES,
-    ChannelsLastConv,
-    WindowDecoder,
-    bucket,
-    cpu_has_native_bf16,
-    decoder_dtype,
-)
+from voxflow.voices.channels_last import ChannelsLastConv
+from voxflow.voices.decoding import BUCKET_FRAMES, WindowDecoder, bucket, cpu_has_native_bf16, decoder_dtype
 from voxflow.voices.vits.hifigan import Generator, GeneratorConfig
 
 

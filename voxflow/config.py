@@ -27,9 +27,10 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     half: bool = False  # float16 weights (GPU only)
     # HiFi-GAN's precision: "float32"; "bfloat16" (CPU), or "auto": bfloat16 on CPUs with
-    # bfloat16 instructions. bfloat16 decodes ~1.7x faster but streamed WER rose 0.008 with it
-    # (docs/BENCHMARKS.md, "Throughput"), so it is not the default.
-    decoder_precision: str = "float32"
+    # bfloat16 instructions (AVX512-BF16, AMX), float32 elsewhere. bfloat16 decodes ~2x faster;
+    # its quality guards (WER, spectral distance to float32, streamed against whole) hold
+    # (docs/BENCHMARKS.md, "Throughput").
+    decoder_precision: str = "auto"
     threads: int = 0  # torch intra-op threads per worker; 0 = auto (see layout)
     workers: int = 0  # compute threads sharing the model(s); 0 = auto (see layout)
     seed: int = 0  # default noise seed per stream: the same text and seed give the same audio

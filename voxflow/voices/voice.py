@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequest, VoiceFileError
+from .channels_last import to_channels_last
 from .decoding import WindowDecoder, decoder_dtype
 from .phonemizer import EspeakPhonemizer
 from .weights_cache import load_voice_model
@@ -106,6 +107,11 @@ class Voice:
     ) -> None:
         self.info = info
         self.model = model
+        if device.type == "cpu":
+            # The acoustic step's encoder, duration predictor and flow run channels-last: ~20 %
+            # faster, the same results (channels_last.py). The decoder gets its own copy below.
+            for part in (model.enc_p, model.dp, model.flow):
+                to_channels_last(part)
         self.device = device
         self.dtype = dtype
         # Every decode of synthesis goes through this (windows padded to shared shapes).
