@@ -8,8 +8,8 @@ Three measured facts on CPU shape this (docs/ARCHITECTURE.md, "Decoder precision
   the audio is unchanged) leaves a few dozen shapes that stay built.
 - On CPUs with bfloat16 instructions (AVX512-BF16, AMX) a bfloat16 decoder runs ~1.7x faster
   than float32 once its kernels are built, its error ~37 dB below the signal. `auto` picks it
-  there; benchmarks/throughput.py checks its WER and spectral distance against float32.
-  The default stays float32 (config.py says why).
+  there, and `auto` is the default; benchmarks/throughput.py checks its WER and spectral
+  distance against float32, benchmarks/fidelity.py streamed against whole with it.
 - Run channels-last (channels_last.py), 256 frames decode ~2x faster in bfloat16 and ~1.4x in
   float32, the same audio to 1e-6.
 
