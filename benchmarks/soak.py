@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiomqtt
@@ -193,6 +193,7 @@ class Utterance:
     outcome: str = "open"  # "done", or the code of what ended it
     underruns: int = 0
     stall_s: float = 0.0
+    stalled_at: list[float] = field(default_factory=list)  # pts of each underrun: where in a reply they fall
     play_start: float | None = None
     play_end: float = 0.0
 
@@ -203,6 +204,7 @@ class Utterance:
         if late > 0:
             self.underruns += 1
             self.stall_s += late
+            self.stalled_at.append(round(audio.pts, 2))
             self.play_start += late
         self.play_end = self.play_start + audio.pts + audio.duration
 
@@ -479,6 +481,7 @@ def utterance_summary(log: list[Utterance]) -> dict:
         "failed_codes": dict(Counter(failed)),
         "underruns": sum(u.underruns for u in log),
         "stall_ms": round(sum(u.stall_s for u in log) * 1000, 1),
+        "underrun_pts_s": sorted(pts for u in log for pts in u.stalled_at),
     }
 
 

@@ -5,24 +5,31 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from voxflow.config import EngineConfig
+from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
+from voxflow.streaming.stream import FIRST_SAY_IDS
 from voxflow.streaming.tokens import gpt_like_tokens
 
 REPLY = "Sure, I can help with that right away for you today."
 
 
-async def first_say(engine, busy: bool) -> tuple[str, bool]:
-    """The text of the stream's first say and whether its first block was the small one."""
+async def first_say(engine, busy: bool, others: int | None = None) -> tuple[str, bool, int]:
+    """The text of the stream's first say, whether its first block was the small one, and the
+    ids it settled. `others` jobs of other work hold compute threads meanwhile (default: none
+    when idle, every thread and one more job when busy)."""
     release = threading.Event()
-    blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers + 1 if busy else 0)]
+    others = (engine._executor.workers + 1 if busy else 0) if others is None else others
+    blockers = [engine._executor.submit(release.wait, 30) for _ in range(others)]
     stream = engine.open_stream(cached=False)
-    says: list[tuple[str, bool]] = []
+    says: list[tuple[str, bool, int]] = []
     prepare = stream._prepare
 
     def spy_prepare(text, how):
         result = prepare(text, how)
         if not says and result[0] is not None:
-            says.append((text, result[0].blocks[0][1] - result[0].blocks[0][0] == stream.options.blocks.first_block_frames))
+            first = result[0]
+            says.append((text, first.blocks[0][1] - first.blocks[0][0] == stream.options.blocks.first_block_frames, len(first.durations)))
         return result
 
     stream._prepare = spy_prepare
@@ -42,15 +49,28 @@ async def first_say(engine, busy: bool) -> tuple[str, bool]:
 
 
 async def test_an_idle_engine_starts_small_and_soon(engine):
-    text, small_first_block = await first_say(engine, busy=False)
+    text, small_first_block, ids = await first_say(engine, busy=False)
     assert small_first_block
     assert len(text.split()) <= 4  # the first chunk's three words (and a lookahead)
+    assert ids < FIRST_SAY_IDS  # "Sure," alone: the next say will not wait behind anyone
 
 
 async def test_a_busy_engine_waits_for_more_words_and_a_larger_first_block(engine):
-    text, small_first_block = await first_say(engine, busy=True)
+    text, small_first_block, _ = await first_say(engine, busy=True)
     assert not small_first_block
     assert len(text.split()) >= 6
+
+
+async def test_with_other_work_queued_a_first_say_leaves_the_listener_enough_audio() -> None:
+    """One other job on one of two threads: not a busy start, but "Sure," alone is not said."""
+    engine = Engine(EngineConfig(workers=2, threads=1))
+    try:
+        text, small_first_block, ids = await first_say(engine, busy=False, others=1)
+    finally:
+        engine.close()
+    assert small_first_block  # not a busy start: the threads are not all taken
+    assert ids >= FIRST_SAY_IDS
+    assert len(text.split()) > 4
 
 
 async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):

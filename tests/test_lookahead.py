@@ -54,6 +54,9 @@ def test_only_enough_audio_is_settled_while_more_text_may_come() -> None:
     assert settle_point(cuts, durations, lookahead_ids=2, enough_frames=12, most_held_ids=100) == 6
     # ... unless that would leave too much unsettled.
     assert settle_point(cuts, durations, lookahead_ids=2, enough_frames=12, most_held_ids=12) == 18
+    # ... or fewer than least_ids would be settled (a first say beside other streams' work).
+    assert settle_point(cuts, durations, lookahead_ids=2, enough_frames=12, most_held_ids=100, least_ids=10) == 12
+    assert settle_point(cuts, durations, lookahead_ids=8, enough_frames=12, most_held_ids=100, least_ids=30) == 18
 
 
 def test_unsettled_text_is_the_rest_as_written() -> None:

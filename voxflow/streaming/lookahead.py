@@ -30,18 +30,25 @@ def word_cuts(ids: Sequence[int], words: Sequence[WordSpan], separator: int) -> 
 
 
 def settle_point(
-    cuts: Sequence[int], durations: Sequence[int], *, lookahead_ids: int, enough_frames: float, most_held_ids: int
+    cuts: Sequence[int],
+    durations: Sequence[int],
+    *,
+    lookahead_ids: int,
+    enough_frames: float,
+    most_held_ids: int,
+    least_ids: int = 0,
 ) -> int:
     """How many ids to settle: up to one of the ascending `cuts`, none within the last `lookahead_ids`.
 
-    Pieces are settled until they give `enough_frames` of audio, then only while more than
-    `most_held_ids` would stay unsettled (they are encoded again at every say, so a sentence
-    that never ends must not make them grow without bound).
+    Pieces are settled until they give `enough_frames` of audio and `least_ids` ids, then only
+    while more than `most_held_ids` would stay unsettled (they are encoded again at every say,
+    so a sentence that never ends must not make them grow without bound).
     """
     limit = len(durations) - lookahead_ids
     settle = frames = 0
     for cut in cuts:
-        if cut > limit or (frames >= enough_frames and len(durations) - settle <= most_held_ids):
+        enough = frames >= enough_frames and settle >= least_ids
+        if cut > limit or (enough and len(durations) - settle <= most_held_ids):
             break
         frames += sum(durations[settle:cut])
         settle = cut

@@ -120,6 +120,19 @@ class _End:
     pass
 
 
+# The fewest phoneme ids (two per phoneme, ~0.5 s of speech) an utterance's first say settles
+# while its sentence goes on and other streams have work queued. Fewer ("Your" of "Your order
+# shipped", before the lookahead) left the listener so little audio that the next say, queued
+# behind other streams' jobs, came too late: in the soak (benchmarks/soak.py), every underrun
+# left fell in the first 0.25 s of a reply; 12 ids left some, 16 none. On idle compute threads
+# the next say runs at once, so a short first say is safe there and keeps first audio early.
+FIRST_SAY_IDS = 16
+
+
+def _settles_enough(cuts: list[int], n_ids: int, lookahead_ids: int, least_ids: int) -> bool:
+    return least_ids == 0 or any(least_ids <= cut <= n_ids - lookahead_ids for cut in cuts)
+
+
 @dataclass
 class _Recording:
     """A cacheable utterance being synthesized, kept for the cache until it completes."""
@@ -528,12 +541,19 @@ class SynthesisStream:
         settle = None
         if how == _Say.MORE:
             acoustic = self.options.acoustic
+            cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
+            # Other streams' jobs queued or running (this job counts itself) may hold this
+            # stream's next say back: a first say must then leave the listener enough audio.
+            least = FIRST_SAY_IDS if not self._spoke_in_utterance and self._executor.backlog() > 1 else 0
+            if not _settles_enough(cuts, len(phonemes.ids), 2 * acoustic.lookahead_phonemes, least):
+                return None, text  # wait for more words
             settle = partial(
                 settle_point,
-                word_cuts(phonemes.ids, phonemes.words, self._separator),
+                cuts,
                 lookahead_ids=2 * acoustic.lookahead_phonemes,
                 enough_frames=self._settle_seconds() / self._seconds_per_frame,
                 most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
+                least_ids=least,
             )
         latents = self._acoustic.step(phonemes.ids, settle)
         n = len(latents.ids)
