@@ -62,15 +62,26 @@ async def test_a_busy_engine_waits_for_more_words_and_a_larger_first_block(engin
 
 
 async def test_with_other_work_queued_a_first_say_leaves_the_listener_enough_audio() -> None:
-    """One other job on one of two threads: not a busy start, but "Sure," alone is not said."""
+    """One other job on one of two threads: not a busy start, but "Sure," alone is not said,
+    nor in a small first block."""
     engine = Engine(EngineConfig(workers=2, threads=1))
     try:
         text, small_first_block, ids = await first_say(engine, busy=False, others=1)
     finally:
         engine.close()
-    assert small_first_block  # not a busy start: the threads are not all taken
+    assert not small_first_block
     assert ids >= FIRST_SAY_IDS
     assert len(text.split()) > 4
+
+
+async def test_beside_another_live_stream_a_first_say_leaves_the_listener_enough_audio(engine) -> None:
+    other = engine.open_stream(cached=False)  # open, between utterances: no job queued
+    try:
+        _, small_first_block, ids = await first_say(engine, busy=False)
+    finally:
+        await other.aclose()
+    assert ids >= FIRST_SAY_IDS and not small_first_block
+    assert other not in engine._live  # an ended stream no longer counts
 
 
 async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):

@@ -78,6 +78,7 @@ class Engine:
             initargs=(threads,),
         )
         self._ids = itertools.count()
+        self._live: set[SynthesisStream] = set()  # streams whose task has not ended
 
     def voice(self, name: str | None = None) -> Voice:
         """The named (or default) voice, loaded on a compute thread if it is not (blocking: for
@@ -118,6 +119,7 @@ class Engine:
                 options=options,
                 executor=self._executor,
                 cache=self.cache if cached else None,
+                live=self._live,
             )
         except BaseException:
             hold.release()

@@ -73,7 +73,7 @@ class StreamOptions:
     # compute threads are busy (more jobs waiting or running than there are threads) waits
     # for this many words (or its sentence's end, or a stall in the text) before its first
     # say, settles this much audio in it, and skips the small first block: a one-word first
-    # clause ("Sure,") or a 93 ms block would not cover the wait for the next job behind the
+    # clause ("Sure,") or a short first block would not cover the wait for the next job behind the
     # other streams.
     busy_start_words: int = 6
     busy_start_settle_s: float = 1.0
@@ -121,11 +121,12 @@ class _End:
 
 
 # The fewest phoneme ids (two per phoneme, ~0.5 s of speech) an utterance's first say settles
-# while its sentence goes on and other streams have work queued. Fewer ("Your" of "Your order
-# shipped", before the lookahead) left the listener so little audio that the next say, queued
-# behind other streams' jobs, came too late: in the soak (benchmarks/soak.py), every underrun
-# left fell in the first 0.25 s of a reply; 12 ids left some, 16 none. On idle compute threads
-# the next say runs at once, so a short first say is safe there and keeps first audio early.
+# while its sentence goes on and other streams share the compute threads. Fewer ("Your" of
+# "Your order shipped", before the lookahead) left the listener so little audio that the next
+# say, queued behind other streams' jobs, came too late: in the soak (benchmarks/soak.py) every
+# underrun left fell in the first 0.25 s of a reply. Alone on the threads the next say runs at
+# once, so a short first say stays there and keeps first audio early: applied to every first
+# say, it took the fidelity benchmark's first audio at 20 tokens/s from p50 193 to 291 ms.
 FIRST_SAY_IDS = 16
 
 
@@ -172,6 +173,7 @@ class SynthesisStream:
         options: StreamOptions,
         executor: DeadlineExecutor,
         cache: AudioCache | None = None,
+        live: set[SynthesisStream] | None = None,
     ) -> None:
         self.context_id = context_id
         self.info = voice.info
@@ -206,6 +208,10 @@ class SynthesisStream:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"voxflow-stream-{context_id}")
         # Held until the task is over, however it ends: the registry never unloads a voice under it.
         self._task.add_done_callback(lambda _: voice.release())
+        # The engine's streams whose task runs, this one included (see _shared_start).
+        self._live = live if live is not None else set()
+        self._live.add(self)
+        self._task.add_done_callback(lambda _: self._live.discard(self))
 
     # -- input side -------------------------------------------------------------------------
 
@@ -534,6 +540,7 @@ class SynthesisStream:
         While the sentence goes on, the words in the lookahead are not settled: their text is
         returned, to be phonemized again with what follows it.
         """
+        shared = self._shared_start()
         closes = how in (_Say.SENTENCE, _Say.FINAL)
         phonemes = self.voice.phonemizer.phonemize(text, bos=self._sentence_start, eos=closes)
         if not phonemes.ids:
@@ -542,9 +549,7 @@ class SynthesisStream:
         if how == _Say.MORE:
             acoustic = self.options.acoustic
             cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
-            # Other streams' jobs queued or running (this job counts itself) may hold this
-            # stream's next say back: a first say must then leave the listener enough audio.
-            least = FIRST_SAY_IDS if not self._spoke_in_utterance and self._executor.backlog() > 1 else 0
+            least = FIRST_SAY_IDS if shared else 0
             if not _settles_enough(cuts, len(phonemes.ids), 2 * acoustic.lookahead_phonemes, least):
                 return None, text  # wait for more words
             settle = partial(
@@ -562,8 +567,14 @@ class SynthesisStream:
             return None, unsettled
         joined = self._decoder.begin_chunk(latents.z, latents.right)
         settled = tuple(w for w in phonemes.words if w.end <= n)
-        blocks = self._decoder.plan(latents.z.shape[2], small_first=not self._busy_start)
+        blocks = self._decoder.plan(latents.z.shape[2], small_first=not (self._busy_start or shared))
         return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
+
+    def _shared_start(self) -> bool:
+        """Whether this say is an utterance's first while other streams are live or their jobs
+        are queued (this job counts itself): then it must leave the listener enough audio to
+        cover a wait behind them, in ids settled (FIRST_SAY_IDS) and in its first block."""
+        return not self._spoke_in_utterance and (len(self._live) > 1 or self._executor.backlog() > 1)
 
     def _settle_seconds(self) -> float:
         busy_first_say = self._busy_start and not self._spoke_in_utterance

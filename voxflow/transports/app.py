@@ -171,13 +171,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         voices = {settings.engine.voice}
-        for name in voices:
-            await state.engine.warm_up(name)
-        cache = await _start_cache(state)
         services = AsyncExitStack()
+        cache = None
         try:
-            # Before `ready`, so that no conversation's first turn waits for a speech model.
-            await services.enter_async_context(agent_plugins(state))
+            warming = asyncio.ensure_future(asyncio.gather(*(state.engine.warm_up(name) for name in voices)))
+            try:
+                # Before `ready`, so that no conversation's first turn waits for a speech model.
+                # Its model loads on a thread of its own while the voice warms up on the
+                # compute threads, which shortens the start.
+                await services.enter_async_context(agent_plugins(state))
+            finally:
+                await warming
+            cache = await _start_cache(state)
             for service in state.services:
                 await services.enter_async_context(service(state))
             state.ready = True
