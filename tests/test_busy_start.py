@@ -104,3 +104,8 @@ async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
 
     idle = await render(busy=False)
     assert idle and await render(busy=True) == idle
+    other = engine.open_stream(cached=False)  # another live stream: a shared start for trickling text only
+    try:
+        assert await render(busy=False) == idle
+    finally:
+        await other.aclose()

@@ -197,6 +197,7 @@ class SynthesisStream:
         self._last_cut = Cut.WORD
         self._spoke_in_utterance = False
         self._busy_start = False  # this utterance started with the compute threads busy
+        self._trickling = False  # this utterance's text came in more than one piece
         self._utterance_pieces = 0  # text pieces of the current utterance read so far
         self._say_latency = 0.0  # seconds from the last say's start to its first audio
         self._text_chars = 0
@@ -476,7 +477,7 @@ class SynthesisStream:
         if not self._spoke_in_utterance and not self._held_text:
             # Only for text that trickles in: text sent in one piece is said the same way
             # however busy the machine is (the audio cache and seeded replays rely on it).
-            trickling = self._utterance_pieces > 1
+            self._trickling = trickling = self._utterance_pieces > 1
             self._busy_start = trickling and self._executor.backlog() > self._executor.workers
         if chunk.text:
             self._held_text.append(chunk.text)
@@ -571,10 +572,13 @@ class SynthesisStream:
         return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
 
     def _shared_start(self) -> bool:
-        """Whether this say is an utterance's first while other streams are live or their jobs
-        are queued (this job counts itself): then it must leave the listener enough audio to
-        cover a wait behind them, in ids settled (FIRST_SAY_IDS) and in its first block."""
-        return not self._spoke_in_utterance and (len(self._live) > 1 or self._executor.backlog() > 1)
+        """Whether this say is the first of an utterance whose text trickles in, while other
+        streams are live or their jobs are queued (this job counts itself): then it must leave
+        the listener enough audio to cover a wait behind them, in ids settled (FIRST_SAY_IDS)
+        and in its first block. Text sent in one piece is said the same whatever else runs."""
+        if self._spoke_in_utterance or not self._trickling:
+            return False
+        return len(self._live) > 1 or self._executor.backlog() > 1
 
     def _settle_seconds(self) -> float:
         busy_first_say = self._busy_start and not self._spoke_in_utterance
