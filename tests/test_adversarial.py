@@ -567,7 +567,13 @@ async def test_a_wyoming_event_declaring_a_gigabyte_is_refused_before_it_is_read
         event = await asyncio.wait_for(async_read_event(reader), timeout=30)
         assert event is not None and WyomingError.is_type(event.type)
         assert WyomingError.from_event(event).code == "limit_exceeded"
-        assert await asyncio.wait_for(reader.read(), timeout=30) == b""  # closed after the error
+        try:
+            rest = await asyncio.wait_for(reader.read(), timeout=30)
+        except ConnectionResetError:
+            # Closed with the declared bytes still unread in its receive buffer: the kernel
+            # ends such a connection with a reset rather than an orderly close.
+            rest = b""
+        assert rest == b""  # closed after the error
     finally:
         writer.close()
     client = AsyncTcpClient("127.0.0.1", WYOMING_PORT)
