@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxflow.streaming.lookahead import settle_point, unsettled_text, word_cuts
+from voxflow.streaming.lookahead import can_settle, settle_point, unsettled_text, word_cuts
 from voxflow.voices.phonemizer import WordSpan
 
 SEP = 3  # the word separator's id in these made-up sequences
@@ -57,6 +57,7 @@ def test_only_enough_audio_is_settled_while_more_text_may_come() -> None:
     # ... or fewer than least_ids would be settled (a first say beside other streams' work).
     assert settle_point(cuts, durations, lookahead_ids=2, enough_frames=12, most_held_ids=100, least_ids=10) == 12
     assert settle_point(cuts, durations, lookahead_ids=8, enough_frames=12, most_held_ids=100, least_ids=30) == 18
+    assert can_settle(cuts, 30, lookahead_ids=8, least_ids=18) and not can_settle(cuts, 30, lookahead_ids=8, least_ids=19)
 
 
 def test_unsettled_text_is_the_rest_as_written() -> None:

@@ -55,6 +55,12 @@ def settle_point(
     return settle
 
 
+def can_settle(cuts: Sequence[int], n_ids: int, *, lookahead_ids: int, least_ids: int) -> bool:
+    """Whether settle_point can settle `least_ids` ids of these: known before the acoustic step,
+    since it depends on where the cuts and the lookahead fall, not on durations."""
+    return least_ids == 0 or any(least_ids <= cut <= n_ids - lookahead_ids for cut in cuts)
+
+
 def unsettled_text(text: str, words: Sequence[WordSpan], settle: int) -> str:
     """The part of `text` whose words end after id `settle`, as it was written.
 

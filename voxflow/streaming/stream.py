@@ -41,7 +41,7 @@ from .alignment import word_timestamps
 from .audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
 from .chunker import FLUSH, ChunkerOptions, Cut, Flush, TextChunk, chunk_stream, discard
 from .decoder_blocks import BlockDecoder, BlockOptions, Window
-from .lookahead import settle_point, unsettled_text, word_cuts
+from .lookahead import can_settle, settle_point, unsettled_text, word_cuts
 from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
 from .scheduler import DeadlineExecutor
@@ -128,10 +128,6 @@ class _End:
 # once, so a short first say stays there and keeps first audio early: applied to every first
 # say, it took the fidelity benchmark's first audio at 20 tokens/s from p50 193 to 291 ms.
 FIRST_SAY_IDS = 16
-
-
-def _settles_enough(cuts: list[int], n_ids: int, lookahead_ids: int, least_ids: int) -> bool:
-    return least_ids == 0 or any(least_ids <= cut <= n_ids - lookahead_ids for cut in cuts)
 
 
 @dataclass
@@ -551,7 +547,7 @@ class SynthesisStream:
             acoustic = self.options.acoustic
             cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
             least = FIRST_SAY_IDS if shared else 0
-            if not _settles_enough(cuts, len(phonemes.ids), 2 * acoustic.lookahead_phonemes, least):
+            if not can_settle(cuts, len(phonemes.ids), lookahead_ids=2 * acoustic.lookahead_phonemes, least_ids=least):
                 return None, text  # wait for more words
             settle = partial(
                 settle_point,
