@@ -8,9 +8,10 @@ Four parts, one process (servers in processes of their own, one at a time):
    after each run and take the CPU from whatever runs next, which made our sentences ~35 %
    slower when each followed one of piper's. The first pass builds kernels and is reported
    apart; the ratio is the median of the later passes.
-2. Decoder precision guard: the same replies rendered with the decoder in float32 and in the
-   precision `auto` picks here (bfloat16 where the CPU has bfloat16 instructions); pocketsphinx WER of both and the MCD between them (after DTW,
-   as benchmarks/fidelity.py measures it).
+2. Precision guard: the same replies rendered all in float32 and in the precisions `auto`
+   picks here for the decoder and the acoustic step (bfloat16 where the CPU has bfloat16
+   instructions); pocketsphinx WER of both and the MCD between them (after DTW, as
+   benchmarks/fidelity.py measures it).
 3. Streams held in real time by `voxflow serve` (audio cache off): N native-WebSocket clients
    start together, each speaks one paragraph, either as LLM tokens (--tps) or whole in one
    message, and plays it through a 100 ms jitter buffer: playback starts 100 ms after the
@@ -23,7 +24,7 @@ Four parts, one process (servers in processes of their own, one at a time):
    from process start to `/health` answering 200, each in fresh processes (the voice's
    weights copy already written, as after any first run).
 
-    python benchmarks/throughput.py [--streams 1,2,4,8,12,16,24] [--decoder-precision P] [--skip PART,...]
+    python benchmarks/throughput.py [--streams 1,2,4,8,12,16,24] [--decoder-precision P] [--flow-precision P] [--skip PART,...]
                                     [--out PATH] [--check]
 
 --skip leaves parts out (whole, precision, streams, server, cold); a skipped part's targets count as
@@ -106,8 +107,8 @@ def whole_text_speed(engine: Engine, texts: list[str], passes: int) -> dict:
 
 
 def precision_guard(reference: Engine, texts: list[str]) -> dict:
-    """The decoder in the precision `auto` picks here against float32: recognition and spectral distance."""
-    fast = Engine(EngineConfig(decoder_precision="auto"))
+    """The precisions `auto` picks here against float32 throughout: recognition and spectral distance."""
+    fast = Engine(EngineConfig(decoder_precision="auto", flow_precision="auto"))
     transcribe = Transcriber()
     edits = {"float32": 0, "auto": 0}
     mcds, n_words = [], 0
@@ -119,11 +120,14 @@ def precision_guard(reference: Engine, texts: list[str]) -> dict:
             edits["float32"] += edit_distance(ref, words(transcribe(a.audio, a.sample_rate)))
             edits["auto"] += edit_distance(ref, words(transcribe(b.audio, b.sample_rate)))
             mcds.append(signal_distance(a.audio, b.audio, a.sample_rate)[0])
-        dtype = fast.voice().decoder.dtype
+        voice = fast.voice()
+        dtype = voice.decoder.dtype
+        flow_dtype = voice.flow_dtype
     finally:
         fast.close()
     return {
         "decoder_dtype": str(dtype).removeprefix("torch."),
+        "flow_dtype": str(flow_dtype).removeprefix("torch."),
         "wer_float32": edits["float32"] / n_words,
         "wer_auto": edits["auto"] / n_words,
         "mcd_mean": float(np.mean(mcds)),
@@ -318,9 +322,10 @@ def report(result: dict) -> tuple[list[tuple[str, str, str]], dict[str, bool]]:
         targets["whole_rtf_ratio"] = whole["ratio"] <= WHOLE_RTF_RATIO
     if prec := result.get("precision"):
         figures = f"{prec['wer_auto']:.3f} vs {prec['wer_float32']:.3f} ({prec['words']} words)"
-        rows.append((f"decoder {prec['decoder_dtype']}: WER vs float32", figures, f"<= float32 + {WER_MARGIN}"))
+        chosen = f"decoder {prec['decoder_dtype']}, flow {prec.get('flow_dtype', 'float32')}"
+        rows.append((f"{chosen}: WER vs float32", figures, f"<= float32 + {WER_MARGIN}"))
         figures = f"{prec['mcd_mean']:.2f} / {prec['mcd_max']:.2f}"
-        rows.append((f"decoder {prec['decoder_dtype']}: MCD to float32 (mean / max)", figures, f"mean <= {PRECISION_MCD_BOUND}"))
+        rows.append((f"{chosen}: MCD to float32 (mean / max)", figures, f"mean <= {PRECISION_MCD_BOUND}"))
         targets["precision_wer"] = prec["wer_auto"] <= prec["wer_float32"] + WER_MARGIN
         targets["precision_mcd"] = prec["mcd_mean"] <= PRECISION_MCD_BOUND
     if "streams_tokens" in result:
@@ -351,6 +356,7 @@ def main() -> None:
     parser.add_argument("--tps", type=float, default=30.0, help="LLM token rate of the token-stream workload")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--decoder-precision", default=EngineConfig.decoder_precision, help="for the speed and stream parts")
+    parser.add_argument("--flow-precision", default=EngineConfig.flow_precision, help="for the speed and stream parts")
     parser.add_argument("--skip", default="", help="parts to leave out: whole, precision, streams, server, cold")
     parser.add_argument("--items", type=int, default=len(ITEMS), help="replies of benchmarks/fidelity.py used by parts 1 and 2")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
@@ -362,14 +368,17 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     result: dict = {**stamp(), "skipped": sorted(skip)}
     result["decoder_precision"] = args.decoder_precision
+    result["flow_precision"] = args.flow_precision
+    precisions = {"decoder_precision": args.decoder_precision, "flow_precision": args.flow_precision}
     if "whole" not in skip:
-        with contextlib.closing(Engine(EngineConfig(decoder_precision=args.decoder_precision))) as engine:
+        with contextlib.closing(Engine(EngineConfig(**precisions))) as engine:
             result["whole_text"] = whole_text_speed(engine, texts, args.passes)
     if "precision" not in skip:
-        with contextlib.closing(Engine(EngineConfig(decoder_precision="float32"))) as engine:
+        with contextlib.closing(Engine(EngineConfig(decoder_precision="float32", flow_precision="float32"))) as engine:
             result["precision"] = precision_guard(engine, texts)
     if not {"streams", "server"} <= skip:
-        with voxflow_serve(env={"VOXFLOW_CACHE_ENABLED": "0", "VOXFLOW_DECODER_PRECISION": args.decoder_precision}) as port:
+        env = {"VOXFLOW_CACHE_ENABLED": "0", "VOXFLOW_DECODER_PRECISION": args.decoder_precision, "VOXFLOW_FLOW_PRECISION": args.flow_precision}
+        with voxflow_serve(env=env) as port:
             if "streams" not in skip:
                 url = f"ws://127.0.0.1:{port}/v1/stream"
                 pid = server_pid(port)

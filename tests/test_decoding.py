@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from voxflow.errors import InvalidRequest
 from voxflow.voices.channels_last import ChannelsLastConv
-from voxflow.voices.decoding import BUCKET_FRAMES, WindowDecoder, bucket, cpu_has_native_bf16, decoder_dtype
+from voxflow.voices.decoding import BUCKET_FRAMES, WindowDecoder, bucket
 from voxflow.voices.vits.hifigan import Generator, GeneratorConfig
 
 
@@ -124,15 +124,3 @@ def test_speakers_in_one_batch_keep_their_own_conditioning(voice) -> None:
     together = decoder.batch(windows, g)
     for i, w in enumerate(windows):
         np.testing.assert_allclose(together[i].numpy(), decoder(w, g[i : i + 1]).numpy(), atol=1e-5)
-
-
-def test_precision_choice() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert decoder_dtype("float32", cpu, torch.float32) == torch.float32
-    assert decoder_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16
-    assert decoder_dtype("auto", cpu, torch.float32) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    assert decoder_dtype("auto", cuda, torch.float16) == torch.float16  # GPUs keep the model's precision
-    with pytest.raises(InvalidRequest):
-        decoder_dtype("bfloat16", cuda, torch.float32)
-    with pytest.raises(InvalidRequest):
-        decoder_dtype("int4", cpu, torch.float32)

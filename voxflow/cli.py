@@ -13,7 +13,7 @@ import wave
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from .config import EngineConfig, load_config
+from .config import PRECISIONS, EngineConfig, load_config
 from .errors import InvalidRequest, VoiceFileError, VoxflowError
 from .streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from .voices.styles import PRESETS, resolve_style
@@ -65,8 +65,10 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voice-dir", action="append", dest="voice_dirs", help="directory of extra Piper voices")
     g.add_argument("--device", help="cpu (default) or cuda")
     g.add_argument("--half", action="store_true", default=None, help="float16 weights (GPU only)")
-    g.add_argument("--decoder-precision", choices=("auto", "float32", "bfloat16"),
-                   help="HiFi-GAN precision (default float32; auto: bfloat16 on CPUs with bfloat16 instructions)")
+    g.add_argument("--decoder-precision", choices=PRECISIONS,
+                   help="HiFi-GAN precision (default auto: bfloat16 on CPUs with bfloat16 instructions, else float32)")
+    g.add_argument("--flow-precision", choices=PRECISIONS,
+                   help="precision of the text encoder's feed-forward layers and the flow (default auto, as above)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
 
@@ -74,7 +76,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
 def _engine_flags(args: argparse.Namespace) -> dict:
     """The engine settings given as flags (None where a flag was left out)."""
     return {"voice": args.voice, "voice_dirs": args.voice_dirs, "device": args.device, "half": args.half,
-            "decoder_precision": args.decoder_precision, "threads": args.threads, "seed": args.seed}
+            "decoder_precision": args.decoder_precision, "flow_precision": args.flow_precision, "threads": args.threads, "seed": args.seed}
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
@@ -225,7 +227,7 @@ def cmd_voices(args: argparse.Namespace) -> int:
     from .voices.registry import VoiceRegistry
 
     config = _config(args)
-    registry = VoiceRegistry(config.voice_dirs, config.device, config.half, config.decoder_precision, default=config.voice)
+    registry = VoiceRegistry(config.voice_dirs, config.device, config.half, config.decoder_precision, config.flow_precision, default=config.voice)
     if args.action != "list" and not args.target:
         raise InvalidRequest(f"voxflow voices {args.action} needs a {'file' if args.action == 'add' else 'voice name'}")
     if args.action == "add":

@@ -67,7 +67,7 @@ class Engine:
         # Streams opened from then on use it; may be set later (the server attaches its own).
         self.cache = cache
         self.voices = VoiceRegistry(
-            config.voice_dirs, config.device, config.half, config.decoder_precision,
+            config.voice_dirs, config.device, config.half, config.decoder_precision, config.flow_precision,
             default=config.voice, limits=LoadLimits(config.max_loaded_voices, config.max_loaded_voice_mb * 2**20),
         )
         workers, threads = config.layout(concurrent)

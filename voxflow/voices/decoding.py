@@ -19,42 +19,14 @@ Padding to a shared length is also what lets windows of several streams run as o
 from __future__ import annotations
 
 import copy
-import functools
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from ..errors import InvalidRequest
 from .channels_last import to_channels_last
 from .vits.hifigan import Generator
 
 BUCKET_FRAMES = 16
-PRECISIONS = ("auto", "float32", "bfloat16")
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU executes bfloat16 math natively (not emulated, which is slower than float32)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split())
-    except OSError:  # not Linux: no cheap way to ask, so stay with float32
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def decoder_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise InvalidRequest(f"decoder_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "bfloat16":
-        if device.type != "cpu":
-            raise InvalidRequest("decoder_precision bfloat16 is for CPUs; GPUs use half")
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cpu" and model_dtype == torch.float32 and cpu_has_native_bf16():
-        return torch.bfloat16
-    return model_dtype
-
-
 def bucket(frames: int) -> int:
     return -(-frames // BUCKET_FRAMES) * BUCKET_FRAMES
 

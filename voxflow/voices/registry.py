@@ -117,6 +117,7 @@ class VoiceRegistry:
         device: str = "cpu",
         half: bool = False,
         decoder_precision: str = "float32",
+        flow_precision: str = "float32",
         *,
         default: str = DEFAULT_VOICE,
         limits: LoadLimits = LoadLimits(),
@@ -124,6 +125,7 @@ class VoiceRegistry:
         self.device = device
         self.half = half
         self.decoder_precision = decoder_precision
+        self.flow_precision = flow_precision
         self.default = default
         self.limits = limits
         self.voice_dirs = tuple(Path(d) for d in voice_dirs)
@@ -213,7 +215,7 @@ class VoiceRegistry:
                 self._reserved[name] = nbytes
             # The last references to unloaded voices go here, on this thread, not the caller's.
             del unloaded
-            voice = Voice.load(info, self.device, self.half, self.decoder_precision)
+            voice = self._voice(info)
         except BaseException:
             with self._lock:
                 self._loading.pop(name, None)
@@ -375,7 +377,10 @@ class VoiceRegistry:
     def _check_loads(self, info: VoiceInfo) -> None:
         """Load the voice once and let it go: a voice that cannot load is refused now, not at its
         first request (this also writes its torch weights copy beside it)."""
-        Voice.load(info, self.device, self.half, self.decoder_precision)
+        self._voice(info)
+
+    def _voice(self, info: VoiceInfo) -> Voice:
+        return Voice.load(info, self.device, self.half, self.decoder_precision, self.flow_precision)
 
     def _register(self, info: VoiceInfo) -> VoiceInfo:
         with self._lock:

@@ -12,7 +12,8 @@ import torch
 
 from ..errors import InvalidRequest, VoiceFileError
 from .channels_last import to_channels_last
-from .decoding import WindowDecoder, decoder_dtype
+from .decoding import WindowDecoder
+from .mixed_precision import narrow_flow, precision_dtype
 from .phonemizer import EspeakPhonemizer
 from .weights_cache import load_voice_model
 from .vits import Scales, VitsSynthesizer
@@ -103,7 +104,13 @@ class VoiceInfo:
 
 class Voice:
     def __init__(
-        self, info: VoiceInfo, model: VitsSynthesizer, device: torch.device, dtype: torch.dtype, decoder_precision: str = "float32"
+        self,
+        info: VoiceInfo,
+        model: VitsSynthesizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        decoder_precision: str = "float32",
+        flow_precision: str = "float32",
     ) -> None:
         self.info = info
         self.model = model
@@ -112,10 +119,13 @@ class Voice:
             # faster, the same results (channels_last.py). The decoder gets its own copy below.
             for part in (model.enc_p, model.dp, model.flow):
                 to_channels_last(part)
+        self.flow_dtype = precision_dtype("flow_precision", flow_precision, device, dtype)
+        if self.flow_dtype != dtype:
+            narrow_flow(model, self.flow_dtype)
         self.device = device
         self.dtype = dtype
         # Every decode of synthesis goes through this (windows padded to shared shapes).
-        self.decoder = WindowDecoder(model.dec, decoder_dtype(decoder_precision, device, dtype))
+        self.decoder = WindowDecoder(model.dec, precision_dtype("decoder_precision", decoder_precision, device, dtype))
         # The engine bounds text per request (max_text_chars) and streams phonemize chunks of
         # at most a few hundred characters, so the phonemizer's own cap would only get in the
         # way of whole-text synthesis.
@@ -126,7 +136,9 @@ class Voice:
         )
 
     @classmethod
-    def load(cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "float32") -> "Voice":
+    def load(
+        cls, info: VoiceInfo, device: str = "cpu", half: bool = False, decoder_precision: str = "float32", flow_precision: str = "float32"
+    ) -> "Voice":
         target = torch.device(device)
         if target.type == "cuda" and not torch.cuda.is_available():
             raise InvalidRequest("device 'cuda' requested but torch sees no CUDA device")
@@ -137,7 +149,7 @@ class Voice:
         if model.cfg.n_speakers != info.num_speakers:
             # Speakers are checked against the JSON when a stream opens: it must tell the truth.
             raise VoiceFileError(f"{info.config_path}: num_speakers {info.num_speakers}, but the model has {model.cfg.n_speakers}")
-        return cls(info, model.to(target, dtype), target, dtype, decoder_precision)
+        return cls(info, model.to(target, dtype), target, dtype, decoder_precision, flow_precision)
 
     @property
     def decoder_receptive_frames(self) -> int:
