@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 from voxflow.config import EngineConfig
+from voxflow.streaming.decoder_blocks import BlockOptions
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
 from voxflow.streaming.stream import FIRST_SAY_IDS
@@ -85,27 +86,42 @@ async def test_beside_another_live_stream_a_first_say_leaves_the_listener_enough
 
 
 async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
-    """The audio cache and seeded replays rely on it: load must not change what is said."""
+    """The audio cache and seeded replays rely on it: load must not change what is said. Beside
+    another stream only the first block grows, which leaves the audio as it was."""
 
-    async def render(busy: bool) -> bytes:
+    async def render(busy: bool) -> tuple[bytes, int]:
         release = threading.Event()
         blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers + 1 if busy else 0)]
         stream = engine.open_stream(cached=False)
+        first_blocks: list[int] = []
+        prepare = stream._prepare
+
+        def spy_prepare(text, how):
+            result = prepare(text, how)
+            if result[0] is not None:
+                start, end = result[0].blocks[0]
+                first_blocks.append(end - start)
+            return result
+
+        stream._prepare = spy_prepare
         try:
             await stream.push(REPLY)
             await stream.end()
             await asyncio.sleep(0.3)  # the first chunk is cut while the threads are held
             release.set()
-            return b"".join([e.pcm async for e in stream if isinstance(e, AudioFrame)])
+            return b"".join([e.pcm async for e in stream if isinstance(e, AudioFrame)]), first_blocks[0]
         finally:
             release.set()
             for blocker in blockers:
                 blocker.result(timeout=30)
 
-    idle = await render(busy=False)
-    assert idle and await render(busy=True) == idle
-    other = engine.open_stream(cached=False)  # another live stream: a shared start for trickling text only
+    idle, small = await render(busy=False)
+    assert idle and small == BlockOptions().first_block_frames
+    assert (await render(busy=True))[0] == idle
+    other = engine.open_stream(cached=False)  # another live stream: a shared start
     try:
-        assert await render(busy=False) == idle
+        beside, larger = await render(busy=False)
     finally:
         await other.aclose()
+    assert beside == idle
+    assert larger > small

@@ -538,6 +538,12 @@ class SynthesisStream:
         returned, to be phonemized again with what follows it.
         """
         shared = self._shared_start()
+        # Beside other streams an utterance's first say must leave the listener enough audio to
+        # cover the wait for the next job behind their work. Its first block is the larger one
+        # whatever the text: block sizes do not change the audio (each block is decoded with its
+        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first; text
+        # sent in one piece is cut the same whatever else runs.
+        settle_more = shared and self._trickling
         closes = how in (_Say.SENTENCE, _Say.FINAL)
         phonemes = self.voice.phonemizer.phonemize(text, bos=self._sentence_start, eos=closes)
         if not phonemes.ids:
@@ -546,7 +552,7 @@ class SynthesisStream:
         if how == _Say.MORE:
             acoustic = self.options.acoustic
             cuts = word_cuts(phonemes.ids, phonemes.words, self._separator)
-            least = FIRST_SAY_IDS if shared else 0
+            least = FIRST_SAY_IDS if settle_more else 0
             if not can_settle(cuts, len(phonemes.ids), lookahead_ids=2 * acoustic.lookahead_phonemes, least_ids=least):
                 return None, text  # wait for more words
             settle = partial(
@@ -568,11 +574,9 @@ class SynthesisStream:
         return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
 
     def _shared_start(self) -> bool:
-        """Whether this say is the first of an utterance whose text trickles in, while other
-        streams are live or their jobs are queued (this job counts itself): then it must leave
-        the listener enough audio to cover a wait behind them, in ids settled (FIRST_SAY_IDS)
-        and in its first block. Text sent in one piece is said the same whatever else runs."""
-        if self._spoke_in_utterance or not self._trickling:
+        """Whether this say is the first of an utterance while other streams are live or their
+        jobs are queued (this job counts itself)."""
+        if self._spoke_in_utterance:
             return False
         return len(self._live) > 1 or self._executor.backlog() > 1
 
