@@ -36,7 +36,6 @@ from .elevenlabs_ws import install as install_elevenlabs
 from .core.http import error_response, install_error_handlers
 from .core.metrics import ServerMetrics
 from .core.request_id import RequestId
-from .mqtt_bridge import install as install_mqtt
 from .native_ws import install as install_native
 from .openai_http import install as install_openai
 from .voices_http import install as install_voices
@@ -256,7 +255,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_webrtc(app, state)
     install_web_page(app, state)  # the browser demo at /
     install_wyoming(app, state)  # a TCP server beside the app, when ServerConfig.wyoming_url is set
-    install_mqtt(app, state)  # an MQTT bridge beside the app, when ServerConfig.mqtt_url is set
+    if settings.server.mqtt_url:
+        # Imported only then: its MQTT client library is a tenth of the server's start.
+        from .mqtt_bridge import install as install_mqtt
+
+        install_mqtt(app, state)  # an MQTT bridge beside the app
 
     @app.exception_handler(VoxflowError)
     async def voxflow_error(request: Request, exc: VoxflowError) -> JSONResponse:

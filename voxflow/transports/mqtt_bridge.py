@@ -563,9 +563,8 @@ class MqttBridge:
 
 
 def install(app: FastAPI, state: ServerState) -> None:
-    """Run the bridge beside the HTTP server when an MQTT broker is configured."""
-    if state.settings.server.mqtt_url:
-        state.services.append(lambda s: MqttBridge(s).running())
+    """Run the bridge beside the HTTP server (the app installs it when a broker is configured)."""
+    state.services.append(lambda s: MqttBridge(s).running())
 
 
 async def serve_mqtt(settings: Settings) -> None:

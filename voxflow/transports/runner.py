@@ -76,7 +76,7 @@ def check_tls(server: ServerConfig) -> None:
         ) from exc
 
 
-def serve(settings: Settings, on_ready: str | None = None) -> None:
+def serve(settings: Settings) -> None:
     check_tls(settings.server)
     app = create_app(settings)
     config = uvicorn.Config(
