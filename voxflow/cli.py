@@ -68,7 +68,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder-precision", choices=PRECISIONS,
                    help="HiFi-GAN precision (default auto: bfloat16 on CPUs with bfloat16 instructions, else float32)")
     g.add_argument("--flow-precision", choices=PRECISIONS,
-                   help="precision of the text encoder's feed-forward layers and the flow (default auto, as above)")
+                   help="precision of the flow's dilated convolutions (default auto, as above)")
     g.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     g.add_argument("--seed", type=int, help="noise seed (default 0)")
 
