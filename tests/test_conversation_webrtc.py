@@ -17,7 +17,7 @@ from test_webrtc_aiortc import connect, registry, server_tasks, wait_until
 from voxflow.agent.events import BotStarted, BotStopped, TranscriptEvent, TurnMetrics
 from voxflow.transports.protocols.native_protocol import AgentMessage, Error, Listen, Listening, StopListening
 
-REQUEST = "turn on the kitchen lights"
+REQUEST = "please turn on the kitchen lights"
 
 
 @pytest.fixture(scope="module")
