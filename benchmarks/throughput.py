@@ -322,7 +322,7 @@ def report(result: dict) -> tuple[list[tuple[str, str, str]], dict[str, bool]]:
         targets["whole_rtf_ratio"] = whole["ratio"] <= WHOLE_RTF_RATIO
     if prec := result.get("precision"):
         figures = f"{prec['wer_auto']:.3f} vs {prec['wer_float32']:.3f} ({prec['words']} words)"
-        chosen = f"decoder {prec['decoder_dtype']}, flow {prec.get('flow_dtype', 'float32')}"
+        chosen = f"decoder {prec['decoder_dtype']}, flow {prec['flow_dtype']}"
         rows.append((f"{chosen}: WER vs float32", figures, f"<= float32 + {WER_MARGIN}"))
         figures = f"{prec['mcd_mean']:.2f} / {prec['mcd_max']:.2f}"
         rows.append((f"{chosen}: MCD to float32 (mean / max)", figures, f"mean <= {PRECISION_MCD_BOUND}"))
