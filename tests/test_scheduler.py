@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from voxflow.streaming.scheduler import DeadlineExecutor
+from voxflow.streaming.scheduler import DeadlineExecutor, Failed
 
 
 def blocked_executor() -> tuple[DeadlineExecutor, threading.Event]:
@@ -96,3 +96,89 @@ def test_backlog_counts_running_and_queued_jobs():
     finally:
         gate.set()
         executor.shutdown()
+
+
+def recording_batch(calls: list[list[str]]):
+    """A batch function that records each call's items and answers each item upper-cased."""
+
+    def run(items):
+        calls.append(list(items))
+        return [item.upper() for item in items]
+
+    return run
+
+
+def test_queued_items_with_one_key_run_in_one_call_most_urgent_first():
+    executor, gate = blocked_executor()
+    calls: list[list[str]] = []
+    batch = recording_batch(calls)
+    now = time.perf_counter()
+    futures = {
+        name: executor.submit_batch_by(now + due, key, batch, name)
+        for name, due, key in [("c", 3, "k"), ("a", 1, "k"), ("other", 0, "j"), ("b", 2, "k"), ("alone", 0.5, None)]
+    }
+    gate.set()
+    assert {name: f.result(timeout=10) for name, f in futures.items()} == {n: n.upper() for n in futures}
+    assert calls == [["other"], ["alone"], ["a", "b", "c"]]
+    executor.shutdown()
+
+
+def test_a_batch_holds_at_most_max_batch_items():
+    executor = DeadlineExecutor(1, max_batch=2)
+    gate, started = threading.Event(), threading.Event()
+    executor.submit(lambda: (started.set(), gate.wait(10)))
+    assert started.wait(10)
+    calls: list[list[str]] = []
+    batch = recording_batch(calls)
+    futures = [executor.submit_batch_by(None, "k", batch, name) for name in "abcde"]
+    gate.set()
+    assert [f.result(timeout=10) for f in futures] == list("ABCDE")
+    assert [len(items) for items in calls] == [2, 2, 1]
+    executor.shutdown()
+    with pytest.raises(ValueError):
+        DeadlineExecutor(1, max_batch=0)
+
+
+def test_one_items_failure_is_its_own_and_a_failed_call_fails_the_batch():
+    executor, gate = blocked_executor()
+
+    def picky(items):
+        return [Failed(ValueError(item)) if item == "bad" else item for item in items]
+
+    def broken(items):
+        raise RuntimeError("broken")
+
+    good, bad = (executor.submit_batch_by(None, "k", picky, item) for item in ("good", "bad"))
+    lost = [executor.submit_batch_by(None, "b", broken, item) for item in "xy"]
+    gate.set()
+    assert good.result(timeout=10) == "good"
+    with pytest.raises(ValueError, match="bad"):
+        bad.result(timeout=10)
+    for future in lost:
+        with pytest.raises(RuntimeError, match="broken"):
+            future.result(timeout=10)
+    assert executor.submit(lambda: 42).result(timeout=10) == 42  # the worker survives
+    executor.shutdown()
+
+
+def test_a_cancelled_item_is_left_out_of_its_batch_and_running_items_count_as_backlog():
+    executor, gate = blocked_executor()
+    calls: list[list[str]] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def held(items):
+        calls.append(list(items))
+        inside.set()
+        release.wait(10)
+        return list(items)
+
+    futures = [executor.submit_batch_by(None, "k", held, name) for name in "abc"]
+    futures[1].cancel()
+    gate.set()
+    assert inside.wait(10)
+    assert executor.backlog() == 2  # the two live items of the running batch
+    release.set()
+    assert [futures[0].result(timeout=10), futures[2].result(timeout=10)] == ["a", "c"]
+    assert calls == [["a", "c"]]
+    executor.shutdown()

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch.nn import functional as F
 
 from ..voices.vits import Scales, VitsSynthesizer, expand_by_durations
+from ..voices.vits.layers import length_mask
 from ..voices.vits.noise import Noise
 
 
@@ -64,8 +66,9 @@ class AcousticState:
         self.options = options
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # Each stream owns its noise source, so a seed reproduces a stream exactly whatever
-        # other streams run beside it, and draws it as a whole rendering with that seed does.
+        # Each stream owns its noise source, so a seed draws the same noise for a stream whatever
+        # other streams run beside it (batched steps included), and draws it as a whole
+        # rendering with that seed does.
         self.noise = Noise(seed, self.device, self.dtype)
         self.speaker_id = speaker_id
         self.g: torch.Tensor | None = None  # computed on the compute thread at the first step
@@ -91,7 +94,44 @@ class AcousticState:
         self.context = []
         self.duration_noise = self.duration_noise[:, :, :0]
 
-    @torch.inference_mode()
+    def duration_noise_for(self, n_ids: int) -> torch.Tensor:
+        """Duration noise [1, 2, n_ids] for context + pending ids: the context's as drawn before,
+        fresh draws (scaled by noise_w) for the rest."""
+        kept = self.duration_noise[:, :, :n_ids]
+        return torch.cat([kept, self.noise.durations(n_ids - kept.shape[2]) * self.scales.noise_w], dim=2)
+
+    def flow_input(self, mean: torch.Tensor, log_scale: torch.Tensor, durations: torch.Tensor, n_settle: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flow input, settled prior sample) for the pending ids' prior statistics [1, C, ids].
+
+        Settled frames get their prior sample now; unsettled ones only their mean, enough to
+        give the flow and decoder a plausible right edge.
+        """
+        prior = torch.zeros_like(self.prior_tail)
+        if n_settle:
+            settled = durations[:n_settle]
+            mean_f = expand_by_durations(mean[:, :, :n_settle], settled)
+            log_scale_f = expand_by_durations(log_scale[:, :, :n_settle], settled)
+            prior = mean_f + self.noise.prior(*mean_f.shape[1:]) * torch.exp(log_scale_f) * self.scales.noise
+        provisional = torch.zeros_like(self.prior_tail)
+        if n_settle < len(durations):
+            provisional = expand_by_durations(mean[:, :, n_settle:], durations[n_settle:])[:, :, : self.right_frames]
+        return torch.cat([self.prior_tail, prior, provisional], dim=2), prior
+
+    def settle(self, pending: list[int], n_settle: int, noise: torch.Tensor, durations: torch.Tensor, prior: torch.Tensor, z: torch.Tensor) -> ChunkLatents:
+        """Keep the first n_settle pending ids as context and their prior as the latent tail;
+        z is the flow's output for flow_input's frames."""
+        tail, frames = self.prior_tail.shape[2], prior.shape[2]
+        self.context = (self.context + pending[:n_settle])[-self.context_ids :] if self.context_ids else []
+        unsettled = len(pending) - n_settle
+        self.duration_noise = noise[:, :, noise.shape[2] - len(self.context) - unsettled :]
+        self.prior_tail = torch.cat([self.prior_tail, prior], dim=2)[:, :, -self.flow_frames :]
+        return ChunkLatents(
+            ids=tuple(pending[:n_settle]),
+            z=z[:, :, tail : tail + frames],
+            durations=durations[:n_settle],
+            right=z[:, :, tail + frames :],
+        )
+
     def step(self, pending: Sequence[int], settle: Callable[[list[int]], int] | None = None) -> ChunkLatents:
         """Encode the sentence's unsettled ids after its context; settle the first `settle(durations)`.
 
@@ -100,45 +140,68 @@ class AcousticState:
         every pending id, so the caller can settle by audio length as well as by position;
         None settles all. The rest is left for the next step.
         """
-        model, scales = self.model, self.scales
-        if self.g is None and self.speaker_id is not None:
-            self.g = model.speaker(self.speaker_id)
-        pending = list(pending)
-        n_ctx = len(self.context)
-        ids = torch.as_tensor(self.context + pending, dtype=torch.long, device=self.device)
-        self.encoded_lengths.append(len(ids))
+        return step_together([StepRequest(self, pending, settle)])[0]
 
-        hidden, mean, log_scale = model.enc_p(ids[None])
-        kept = self.duration_noise[:, :, : len(ids)]
-        noise = torch.cat([kept, self.noise.durations(len(ids) - kept.shape[2]) * scales.noise_w], dim=2)
-        durations = model.durations(hidden, noise, scales.length, self.g)[n_ctx:]
-        n_settle = len(pending) if settle is None else settle(durations.tolist())
+
+@dataclass(frozen=True)
+class StepRequest:
+    state: AcousticState
+    pending: Sequence[int]
+    settle: Callable[[list[int]], int] | None = None
+
+
+def _padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[1, C, T_i] tensors right-padded with zeros to the longest and stacked: [n, C, max T_i]."""
+    longest = max(part.shape[2] for part in parts)
+    return torch.cat([F.pad(part, (0, longest - part.shape[2])) for part in parts])
+
+
+@torch.inference_mode()
+def step_together(requests: Sequence[StepRequest]) -> list[ChunkLatents]:
+    """One acoustic step (AcousticState.step) for each request, in one batch per model part.
+
+    The requests' states must share a model. Batched, each sequence is right-padded to the
+    longest and masked, so its result is its own step's up to float rounding (the kernels sum
+    in another order); a batch of one runs unpadded, exactly as a step alone.
+    """
+    states = [request.state for request in requests]
+    model = states[0].model
+    if any(state.model is not model for state in states):
+        raise ValueError("steps taken together must share a model")
+    for state in states:
+        if state.g is None and state.speaker_id is not None:
+            state.g = model.speaker(state.speaker_id)
+    pendings = [list(request.pending) for request in requests]
+    n_ctx = [len(state.context) for state in states]
+    ids = [state.context + pending for state, pending in zip(states, pendings)]
+    for state, sequence in zip(states, ids):
+        state.encoded_lengths.append(len(sequence))
+    lengths = [len(sequence) for sequence in ids] if len(requests) > 1 else None
+    device = states[0].device
+    ids_batch = _padded([torch.as_tensor(sequence, dtype=torch.long, device=device)[None, None] for sequence in ids])[:, 0]
+    g = None if states[0].g is None else torch.cat([state.g for state in states])
+
+    hidden, mean, log_scale = model.enc_p(ids_batch, lengths)
+    noises = [state.duration_noise_for(len(sequence)) for state, sequence in zip(states, ids)]
+    mask = None if lengths is None else length_mask(lengths, hidden.device, hidden.dtype)
+    log_w = model.dp(hidden, _padded(noises), g, mask)
+
+    flow_inputs, settled = [], []
+    for i, (state, request, pending) in enumerate(zip(states, requests, pendings)):
+        durations = torch.ceil(torch.exp(log_w[i, 0, n_ctx[i] : len(ids[i])]) * state.scales.length).long()
+        n_settle = len(pending) if request.settle is None else request.settle(durations.tolist())
         if not 0 <= n_settle <= len(pending):
             raise ValueError(f"cannot settle {n_settle} of {len(pending)} ids")
+        own = slice(n_ctx[i], len(ids[i]))
+        x, prior = state.flow_input(mean[i : i + 1, :, own], log_scale[i : i + 1, :, own], durations, n_settle)
+        flow_inputs.append(x)
+        settled.append((n_settle, durations, prior))
 
-        # Settled frames get their prior sample now; unsettled ones only their mean, enough to
-        # give the flow and decoder a plausible right edge.
-        mean, log_scale = mean[:, :, n_ctx:], log_scale[:, :, n_ctx:]
-        settled = durations[:n_settle]
-        prior = torch.zeros_like(self.prior_tail)
-        if n_settle:
-            mean_f = expand_by_durations(mean[:, :, :n_settle], settled)
-            log_scale_f = expand_by_durations(log_scale[:, :, :n_settle], settled)
-            prior = mean_f + self.noise.prior(*mean_f.shape[1:]) * torch.exp(log_scale_f) * scales.noise
-        provisional = torch.zeros_like(self.prior_tail)
-        if n_settle < len(pending):
-            provisional = expand_by_durations(mean[:, :, n_settle:], durations[n_settle:])[:, :, : self.right_frames]
-        tail = self.prior_tail.shape[2]
-        z = model.flow.reverse(torch.cat([self.prior_tail, prior, provisional], dim=2), self.g)
-        frames = prior.shape[2]
+    frames = [x.shape[2] for x in flow_inputs]
+    flow_mask = None if lengths is None else length_mask(frames, hidden.device, hidden.dtype)
+    z = model.flow.reverse(_padded(flow_inputs), g, flow_mask)
 
-        self.context = (self.context + pending[:n_settle])[-self.context_ids :] if self.context_ids else []
-        unsettled = len(pending) - n_settle
-        self.duration_noise = noise[:, :, noise.shape[2] - len(self.context) - unsettled :]
-        self.prior_tail = torch.cat([self.prior_tail, prior], dim=2)[:, :, -self.flow_frames :]
-        return ChunkLatents(
-            ids=tuple(pending[:n_settle]),
-            z=z[:, :, tail : tail + frames],
-            durations=settled,
-            right=z[:, :, tail + frames :],
-        )
+    return [
+        state.settle(pending, n_settle, noise, durations, prior, z[i : i + 1, :, : frames[i]])
+        for i, (state, pending, noise, (n_settle, durations, prior)) in enumerate(zip(states, pendings, noises, settled))
+    ]

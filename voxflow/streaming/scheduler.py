@@ -6,6 +6,12 @@ carries the time its result is needed (a stream passes the play-out time of the 
 will produce), and the most urgent job runs next. Jobs are not pre-empted: a job is at most
 one acoustic step or one decoder block, so a late one waits at most that long.
 
+Jobs of the same kind from different streams may also run as one call (`submit_batch_by`):
+when the most urgent job is due, queued jobs with the same batch key ride along with it, so a
+burst of small jobs (the first acoustic steps of streams that start together) costs one
+batched forward pass instead of one per stream. Nothing waits to fill a batch: it takes what
+is queued.
+
 Written here because the standard library's executors are FIFO only and no maintained
 library offers a priority executor that plugs into asyncio's run_in_executor.
 """
@@ -17,7 +23,24 @@ import itertools
 import threading
 import time
 from concurrent.futures import Executor, Future
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A batch function's result for one item that failed: that item's future raises `error`."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _Batched:
+    """A queued batchable item: `fn(items)` returns one result (or Failed) per item, in order."""
+
+    key: Hashable
+    fn: Callable[[Sequence[Any]], Sequence[Any]]
+    item: Any
 
 
 class DeadlineExecutor(Executor):
@@ -28,8 +51,13 @@ class DeadlineExecutor(Executor):
         thread_name_prefix: str = "voxflow-compute",
         initializer: Callable[..., object] | None = None,
         initargs: tuple = (),
+        max_batch: int = 8,
     ) -> None:
-        self._queue: list[tuple[float, int, Future, Callable[..., Any], tuple, dict]] = []
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.max_batch = max_batch
+        # (due, order, future, fn, args, kwargs); a batchable item has fn None and args (_Batched,)
+        self._queue: list[tuple[float, int, Future, Callable[..., Any] | None, tuple, dict]] = []
         self._order = itertools.count()  # equal deadlines keep submission order
         self._ready = threading.Condition()
         self._shutdown = False
@@ -48,6 +76,17 @@ class DeadlineExecutor(Executor):
 
     def submit_by(self, deadline: float | None, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Queue fn(*args, **kwargs) to run when no job with an earlier deadline waits (None: now)."""
+        return self._push(deadline, fn, args, kwargs)
+
+    def submit_batch_by(self, deadline: float | None, key: Hashable, fn: Callable[[Sequence[Any]], Sequence[Any]], item: Any) -> Future:
+        """Queue `item` for fn([item, ...]); its future gets the item's result.
+
+        When a batchable job is due, up to max_batch - 1 queued items with the same key (and
+        fn), most urgent first, run in the same call. A key of None never batches.
+        """
+        return self._push(deadline, None, (_Batched(key, fn, item),), {})
+
+    def _push(self, deadline: float | None, fn: Callable[..., Any] | None, args: tuple, kwargs: dict) -> Future:
         future: Future = Future()
         with self._ready:
             if self._shutdown:
@@ -56,6 +95,21 @@ class DeadlineExecutor(Executor):
             heapq.heappush(self._queue, (due, next(self._order), future, fn, args, kwargs))
             self._ready.notify()
         return future
+
+    def _companions(self, first: _Batched) -> list[tuple[Future, _Batched]]:
+        """Take the queued items that may run with `first` off the queue (lock held)."""
+        if first.key is None or self.max_batch == 1:
+            return []
+        fits = [
+            entry for entry in self._queue
+            if entry[3] is None and entry[4][0].key == first.key and entry[4][0].fn is first.fn and not entry[2].cancelled()
+        ]
+        taken = heapq.nsmallest(self.max_batch - 1, fits)
+        if taken:
+            chosen = {id(entry[2]) for entry in taken}
+            self._queue = [entry for entry in self._queue if id(entry[2]) not in chosen]
+            heapq.heapify(self._queue)
+        return [(entry[2], entry[4][0]) for entry in taken]
 
     def backlog(self) -> int:
         """Jobs queued (not cancelled) or running: how busy the compute threads are."""
@@ -84,12 +138,35 @@ class DeadlineExecutor(Executor):
                 if not self._queue:
                     return  # shut down and drained
                 _, _, future, fn, args, kwargs = heapq.heappop(self._queue)
-                self._running += 1
+                batch = [(future, args[0])] + self._companions(args[0]) if fn is None else []
+                running = max(1, len(batch))
+                self._running += running
             try:
-                if future.set_running_or_notify_cancel():
+                if fn is None:
+                    self._run_batch(batch)  # sets every future itself, raises nothing
+                elif future.set_running_or_notify_cancel():
                     future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # handed to whoever awaits the future
                 future.set_exception(exc)
             finally:
                 with self._ready:
-                    self._running -= 1
+                    self._running -= running
+
+    @staticmethod
+    def _run_batch(batch: list[tuple[Future, _Batched]]) -> None:
+        live = [(future, job) for future, job in batch if future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = live[0][1].fn([job.item for _, job in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"a batch function returned {len(results)} results for {len(live)} items")
+        except BaseException as exc:  # every item of the batch gets it
+            for future, _ in live:
+                future.set_exception(exc)
+            return
+        for (future, _), result in zip(live, results):
+            if isinstance(result, Failed):
+                future.set_exception(result.error)
+            else:
+                future.set_result(result)

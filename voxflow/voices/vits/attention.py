@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import ChannelLayerNorm
+from .layers import ChannelLayerNorm, length_mask, masked
 
 
 def relative_offsets(length: int, window: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -51,8 +51,9 @@ class RelativeMultiHeadAttention(nn.Module):
         self.emb_rel_k = nn.Parameter(table.clone())
         self.emb_rel_v = nn.Parameter(table.clone())
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """offsets: relative_offsets(length, window) for x's length, shared by every layer."""
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """offsets: relative_offsets(length, window) for x's length, shared by every layer;
+        mask: length_mask of a padded batch (None: no padding)."""
         batch, channels, length = x.shape
         heads, head_ch = self.n_heads, self.head_channels
 
@@ -65,6 +66,9 @@ class RelativeMultiHeadAttention(nn.Module):
 
         rel_logits = query @ self.emb_rel_k[0].transpose(0, 1)  # [b, h, length, 2w+1]
         scores = query @ key.transpose(-2, -1) + torch.einsum("bhir,ijr->bhij", rel_logits, offsets)
+        if mask is not None:
+            # Padding keys get no weight: exp(-1e4) underflows to exactly 0 beside real scores.
+            scores = scores.masked_fill(mask[:, :, None, :] == 0, -1e4)
         weights = F.softmax(scores, dim=-1)
         per_offset = torch.einsum("bhij,ijr->bhir", weights, offsets)  # attention mass per offset
         out = weights @ value + per_offset @ self.emb_rel_v[0]
@@ -79,9 +83,9 @@ class FeedForward(nn.Module):
         self.conv_1 = nn.Conv1d(channels, filter_channels, kernel_size)
         self.conv_2 = nn.Conv1d(filter_channels, channels, kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv_1(F.pad(x, self.pad)))
-        return self.conv_2(F.pad(x, self.pad))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = torch.relu(self.conv_1(F.pad(masked(x, mask), self.pad)))
+        return self.conv_2(F.pad(masked(x, mask), self.pad))
 
 
 class Encoder(nn.Module):
@@ -99,11 +103,11 @@ class Encoder(nn.Module):
         )
         self.norm_layers_2 = nn.ModuleList(ChannelLayerNorm(channels) for _ in range(n_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         offsets = relative_offsets(x.shape[2], self.window, x.device, x.dtype)
         for attn, norm1, ffn, norm2 in zip(self.attn_layers, self.norm_layers_1, self.ffn_layers, self.norm_layers_2):
-            x = norm1(x + attn(x, offsets))
-            x = norm2(x + ffn(x))
+            x = norm1(x + attn(x, offsets, mask))
+            x = norm2(x + ffn(x, mask))
         return x
 
 
@@ -128,8 +132,12 @@ class TextEncoder(nn.Module):
         self.encoder = Encoder(hidden_channels, filter_channels, n_heads, n_layers, kernel_size, window)
         self.proj = nn.Conv1d(hidden_channels, out_channels * 2, 1)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [batch, T]; `lengths` of the sequences in a right-padded batch (None: none padded).
+        Each sequence's outputs over its own positions are as if it were encoded alone; those
+        over its padding are meaningless."""
         x = self.emb(ids) * math.sqrt(self.hidden_channels)
-        x = self.encoder(x.transpose(1, 2))
+        mask = None if lengths is None else length_mask(lengths, x.device, x.dtype)
+        x = self.encoder(x.transpose(1, 2), mask)
         mean, log_scale = torch.split(self.proj(x), self.out_channels, dim=1)
         return x, mean, log_scale

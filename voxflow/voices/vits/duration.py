@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import ChannelLayerNorm, same_padding
+from .layers import ChannelLayerNorm, masked, same_padding
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -34,11 +34,11 @@ class DilatedDepthSeparableConv(nn.Module):
         self.norms_1 = nn.ModuleList(ChannelLayerNorm(channels) for _ in dilations)
         self.norms_2 = nn.ModuleList(ChannelLayerNorm(channels) for _ in dilations)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if cond is not None:
             x = x + cond
         for sep, pointwise, norm1, norm2 in zip(self.convs_sep, self.convs_1x1, self.norms_1, self.norms_2):
-            y = F.gelu(norm1(sep(x)))
+            y = F.gelu(norm1(sep(masked(x, mask))))
             x = x + F.gelu(norm2(pointwise(y)))
         return x
 
@@ -110,9 +110,9 @@ class ConvFlow(nn.Module):
         self.convs = DilatedDepthSeparableConv(filter_channels, kernel_size, n_layers)
         self.proj = nn.Conv1d(filter_channels, self.half * (num_bins * 3 - 1), 1)
 
-    def reverse(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def reverse(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x0, x1 = torch.split(x, [self.half, self.half], dim=1)
-        h = self.proj(self.convs(self.pre(x0), cond))
+        h = self.proj(self.convs(self.pre(x0), cond, mask))
         batch, channels, length = x0.shape
         h = h.reshape(batch, channels, -1, length).permute(0, 1, 3, 2)
         scale = math.sqrt(self.filter_channels)
@@ -145,14 +145,15 @@ class StochasticDurationPredictor(nn.Module):
         couplings = {str(2 * i + 1): ConvFlow(2, filter_channels, kernel_size, 3, num_bins) for i in range(1, n_flows)}
         self.flows = nn.ModuleDict({"0": ElementwiseAffine(2), **couplings})
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
-        """noise: [batch, 2, length], already scaled by noise_w. Returns log-durations [batch, 1, length]."""
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, g: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: [batch, 2, length], already scaled by noise_w; mask: length_mask of a padded
+        batch (None: no padding). Returns log-durations [batch, 1, length]."""
         x = self.pre(x)
         if self.cond is not None and g is not None:
             x = x + self.cond(g)
-        x = self.proj(self.convs(x))
+        x = self.proj(self.convs(x, mask=mask))
         z = noise
         for key in sorted(self.flows, key=int, reverse=True)[:-1]:
-            z = self.flows[key].reverse(torch.flip(z, [1]), x)
+            z = self.flows[key].reverse(torch.flip(z, [1]), x, mask)
         z = self.flows["0"].reverse(torch.flip(z, [1]))
         return z[:, :1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import same_padding
+from .layers import masked, same_padding
 
 
 class WaveNet(nn.Module):
@@ -25,12 +25,12 @@ class WaveNet(nn.Module):
             self.res_skip_layers.append(nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1))
         self.cond_layer = nn.Conv1d(gin_channels, 2 * hidden * n_layers, 1) if gin_channels else None
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.cond_layer(g) if self.cond_layer is not None and g is not None else None
         skip = torch.zeros_like(x)
         last = len(self.in_layers) - 1
         for i, (conv, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            h = conv(x)
+            h = conv(masked(x, mask))
             if cond is not None:
                 h = h + cond[:, 2 * self.hidden * i : 2 * self.hidden * (i + 1)]
             acts = torch.tanh(h[:, : self.hidden]) * torch.sigmoid(h[:, self.hidden :])
@@ -51,9 +51,9 @@ class MeanOnlyCoupling(nn.Module):
         self.enc = WaveNet(hidden, kernel_size, dilation_rate, n_layers, gin_channels)
         self.post = nn.Conv1d(hidden, self.half, 1)
 
-    def reverse(self, x: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    def reverse(self, x: torch.Tensor, g: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x0, x1 = torch.split(x, [self.half, self.half], dim=1)
-        mean = self.post(self.enc(self.pre(x0), g))
+        mean = self.post(self.enc(self.pre(x0), g, mask))
         return torch.cat([x0, x1 - mean], dim=1)
 
 
@@ -69,7 +69,9 @@ class ResidualCouplingFlow(nn.Module):
             }
         )
 
-    def reverse(self, z: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+    def reverse(self, z: torch.Tensor, g: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: length_mask of a right-padded batch (None: no padding); each sequence's frames
+        come out as if it ran alone."""
         for key in sorted(self.flows, key=int, reverse=True):
-            z = self.flows[key].reverse(torch.flip(z, [1]), g)
+            z = self.flows[key].reverse(torch.flip(z, [1]), g, mask)
         return z

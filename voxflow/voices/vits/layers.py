@@ -30,3 +30,14 @@ class ChannelLayerNorm(nn.Module):
 
 def same_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size * dilation - dilation) // 2
+
+
+def length_mask(lengths: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, max(lengths)]: 1 over each sequence's own positions, 0 over its right padding."""
+    positions = torch.arange(max(lengths), device=device)
+    return (positions[None, :] < torch.as_tensor(lengths, device=device)[:, None]).to(dtype)[:, None]
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x with its padding zeroed, as a convolution over one unpadded sequence sees beyond its end."""
+    return x if mask is None else x * mask
