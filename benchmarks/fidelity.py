@@ -54,7 +54,7 @@ import torch
 from pocketsphinx import Decoder
 
 from voxflow.config import EngineConfig
-from voxflow.streaming.acoustic import AcousticOptions, AcousticState
+from voxflow.streaming.acoustic import AcousticOptions, ChunkLatents, StepRequest, step_together
 from voxflow.streaming.chunker import ChunkerOptions
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame, StreamEnd
@@ -188,25 +188,25 @@ def _ints(ids: Sequence[int] | torch.Tensor) -> list[int]:
 def recorded_durations() -> Iterator[DurationTrace]:
     """Durations settled by the whole path (per sentence) and the streamed path (per chunk).
 
-    The classes are patched, not an instance, so the calls made on the engine's compute
-    threads are seen too; hence only one rendering may run inside the block.
+    The model class and the stream module's step function are patched, not an instance, so
+    the calls made on the engine's compute threads are seen too; hence only one rendering may
+    run inside the block.
     """
     trace = DurationTrace()
-    infer_latents, step = VitsSynthesizer.infer_latents, AcousticState.step
+    infer_latents = VitsSynthesizer.infer_latents
 
     def recording_infer_latents(model: VitsSynthesizer, ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         z, durations = infer_latents(model, ids, *args, **kwargs)
         trace.add(_ints(ids[0]), _ints(durations))
         return z, durations
 
-    def recording_step(state: AcousticState, new_ids: Sequence[int], *args: Any, **kwargs: Any) -> Any:
-        result = step(state, new_ids, *args, **kwargs)
-        # A step that holds phonemes back for more context reports the ids it did settle.
-        settled = getattr(result, "ids", None)
-        trace.add(_ints(new_ids if settled is None else settled), _ints(result.durations))
-        return result
+    def recording_steps(requests: Sequence[StepRequest]) -> list[ChunkLatents]:
+        results = step_together(requests)
+        for latents in results:  # the ids each step settled (the rest wait for more context)
+            trace.add(list(latents.ids), _ints(latents.durations))
+        return results
 
-    with patch.object(VitsSynthesizer, "infer_latents", recording_infer_latents), patch.object(AcousticState, "step", recording_step):
+    with patch.object(VitsSynthesizer, "infer_latents", recording_infer_latents), patch("voxflow.streaming.stream.step_together", recording_steps):
         yield trace
 
 

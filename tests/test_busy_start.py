@@ -24,16 +24,16 @@ async def first_say(engine, busy: bool, others: int | None = None) -> tuple[str,
     blockers = [engine._executor.submit(release.wait, 30) for _ in range(others)]
     stream = engine.open_stream(cached=False)
     says: list[tuple[str, bool, int]] = []
-    prepare = stream._prepare
+    after_step = stream._after_step
 
-    def spy_prepare(text, how):
-        result = prepare(text, how)
+    def spy_after_step(planned, latents):
+        result = after_step(planned, latents)
         if not says and result[0] is not None:
             first = result[0]
-            says.append((text, first.blocks[0][1] - first.blocks[0][0] == stream.options.blocks.first_block_frames, len(first.durations)))
+            says.append((planned.text, first.blocks[0][1] - first.blocks[0][0] == stream.options.blocks.first_block_frames, len(first.durations)))
         return result
 
-    stream._prepare = spy_prepare
+    stream._after_step = spy_after_step
     try:
         for token in gpt_like_tokens(REPLY):
             await stream.push(token)
@@ -67,6 +67,7 @@ async def test_with_other_work_queued_a_first_say_leaves_the_listener_enough_aud
     nor in a small first block."""
     engine = Engine(EngineConfig(workers=2, threads=1))
     try:
+        await engine.warm_up()  # loaded first: a load still running when the text has all come would hold the say back
         text, small_first_block, ids = await first_say(engine, busy=False, others=1)
     finally:
         engine.close()
@@ -94,16 +95,16 @@ async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
         blockers = [engine._executor.submit(release.wait, 30) for _ in range(engine._executor.workers + 1 if busy else 0)]
         stream = engine.open_stream(cached=False)
         first_blocks: list[int] = []
-        prepare = stream._prepare
+        after_step = stream._after_step
 
-        def spy_prepare(text, how):
-            result = prepare(text, how)
+        def spy_after_step(planned, latents):
+            result = after_step(planned, latents)
             if result[0] is not None:
                 start, end = result[0].blocks[0]
                 first_blocks.append(end - start)
             return result
 
-        stream._prepare = spy_prepare
+        stream._after_step = spy_after_step
         try:
             await stream.push(REPLY)
             await stream.end()

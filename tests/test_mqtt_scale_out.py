@@ -28,9 +28,10 @@ TEXT = "The lights are off."
 
 def _worker(broker: Broker, seed: int, log: Path) -> subprocess.Popen:
     # The seed fingerprints a worker: the same text and seed give the same audio, so every
-    # reply's PCM tells which worker spoke it. Audio at QoS 1 keeps the fingerprints whole.
+    # reply's PCM tells which worker spoke it. Audio at QoS 1 keeps the fingerprints whole, and
+    # steps taken alone (max_batch 1) keep them bit-identical however many requests overlap.
     env = {**os.environ, "VOXFLOW_MQTT_AUDIO_QOS": "1", "VOXFLOW_REQUESTS_PER_SECOND": "0",
-           "VOXFLOW_MQTT_MAX_PER_DEVICE": "32"}
+           "VOXFLOW_MQTT_MAX_PER_DEVICE": "32", "VOXFLOW_MAX_BATCH": "1"}
     return subprocess.Popen([sys.executable, "-m", "voxflow.cli", "mqtt", "--broker", broker.url, "--seed", str(seed)],
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
 

@@ -238,18 +238,19 @@ def test_a_draining_server_answers_503(engine):
 
 def test_a_failure_mid_response_cuts_the_body_off(engine, monkeypatch):
     """After the headers, a broken synthesis must not end the body as if the audio were complete."""
-    prepare = SynthesisStream._prepare
-    calls = 0
+    plan_step = SynthesisStream._plan_step
+    steps = 0
 
     def fail_after_the_first_chunk(self, *args):
-        nonlocal calls
-        calls += 1
-        if calls > 1:
+        nonlocal steps
+        if steps:
             raise RuntimeError("decoder broke")
-        return prepare(self, *args)
+        planned = plan_step(self, *args)
+        steps += not isinstance(planned, tuple)  # a tuple: it waits for more words, no step yet
+        return planned
 
     with run_server(engine) as failing:
-        monkeypatch.setattr(SynthesisStream, "_prepare", fail_after_the_first_chunk)
+        monkeypatch.setattr(SynthesisStream, "_plan_step", fail_after_the_first_chunk)
         received = bytearray()
         with pytest.raises(httpx.RemoteProtocolError):
             with httpx.stream("POST", f"{failing.http}/v1/audio/speech", json={"input": PARAGRAPH, "response_format": "pcm"}, timeout=60) as r:

@@ -108,17 +108,18 @@ async def test_a_websocket_handshake_is_left_alone(server: RunningServer) -> Non
 def test_a_failure_mid_stream_is_logged_with_the_responses_id(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    prepare = SynthesisStream._prepare
-    calls = 0
+    plan_step = SynthesisStream._plan_step
+    steps = 0
 
     def fail_after_the_first_chunk(self: SynthesisStream, *args: object) -> object:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
+        nonlocal steps
+        if steps:
             raise RuntimeError("decoder broke")
-        return prepare(self, *args)
+        planned = plan_step(self, *args)
+        steps += not isinstance(planned, tuple)  # a tuple: it waits for more words, no step yet
+        return planned
 
-    monkeypatch.setattr(SynthesisStream, "_prepare", fail_after_the_first_chunk)
+    monkeypatch.setattr(SynthesisStream, "_plan_step", fail_after_the_first_chunk)
     with caplog.at_level(logging.ERROR, logger="voxflow.transports.core.request_id"):
         with pytest.raises(httpx.RemoteProtocolError):
             with httpx.stream("POST", f"{server.http}/v1/audio/speech", headers={"X-Request-ID": "cut-1"},

@@ -70,12 +70,15 @@ class Engine:
             config.voice_dirs, config.device, config.half, config.decoder_precision, config.flow_precision,
             default=config.voice, limits=LoadLimits(config.max_loaded_voices, config.max_loaded_voice_mb * 2**20),
         )
+        if config.max_batch < 1:
+            raise InvalidRequest(f"max_batch must be at least 1, got {config.max_batch}")
         workers, threads = config.layout(concurrent)
         self._executor = DeadlineExecutor(
             workers,
             thread_name_prefix="voxflow-synth",
             initializer=torch.set_num_threads,
             initargs=(threads,),
+            max_batch=config.max_batch,
         )
         self._ids = itertools.count()
         self._live: set[SynthesisStream] = set()  # streams whose task has not ended

@@ -27,16 +27,16 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import torch
 
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
-from ..voices.phonemizer import WORD_SEPARATOR, WordSpan
+from ..voices.phonemizer import WORD_SEPARATOR, Phonemes, WordSpan
 from ..voices.registry import VoiceHold
 from ..voices.styles import Style
 from ..voices.voice import Voice
-from .acoustic import AcousticOptions, AcousticState
+from .acoustic import AcousticOptions, AcousticState, ChunkLatents, StepRequest, step_together
 from .alignment import word_timestamps
 from .audio_cache import AudioCache, CachedUtterance, CachedWord, CacheKey
 from .chunker import FLUSH, ChunkerOptions, Cut, Flush, TextChunk, chunk_stream, discard
@@ -44,7 +44,7 @@ from .decoder_blocks import BlockDecoder, BlockOptions, Window
 from .lookahead import can_settle, settle_point, unsettled_text, word_cuts
 from .events import AudioFrame, StreamEnd, StreamEvent, WordTimestamp
 from .framing import Framer
-from .scheduler import DeadlineExecutor
+from .scheduler import DeadlineExecutor, Failed
 
 _LOGGER = logging.getLogger(__name__)
 # How soon a new stream's first audio is due, in the compute threads' earliest-deadline order:
@@ -116,6 +116,17 @@ class _Prepared:
     blocks: list[tuple[int, int]]
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """A say whose acoustic step is ready to run, alone or batched with other streams' steps."""
+
+    stream: SynthesisStream
+    text: str
+    phonemes: Phonemes
+    step: StepRequest
+    small_first: bool
+
+
 class _End:
     pass
 
@@ -129,6 +140,13 @@ class _End:
 # say, it took the fidelity benchmark's first audio at 20 tokens/s from p50 193 to 291 ms.
 FIRST_SAY_IDS = 16
 
+# Says of several streams queued together take their acoustic step in one batch when their
+# encoder inputs (context + new ids, estimated from the text's length) fall under the same
+# bound. Batched, eight steps of ~28 ids took 107 ms instead of 195 one after another, of ~94
+# ids 262 instead of 368; at ~190 ids batching saved nothing, so longer steps run alone.
+IDS_PER_CHAR = 2.3  # phoneme ids (a symbol and a pad each) per character of English text
+BATCH_ID_BOUNDS = (48, 96, 144)
+
 
 @dataclass
 class _Recording:
@@ -141,6 +159,29 @@ class _Recording:
 
     def add_words(self, words: list[WordTimestamp]) -> None:
         self.words += [CachedWord(w.word, round(w.start - self.offset, 4), round(w.end - self.offset, 4)) for w in words]
+
+
+def _prepare_together(says: Sequence[tuple[SynthesisStream, str, _Say]]) -> list[Any]:
+    """Prepare several streams' says (DeadlineExecutor batch function): each stream's own
+    planning, one batched acoustic step for those that need one, each stream's decoder set-up.
+    Each result is ((prepared, unsettled text), compute seconds: the batch's share), or Failed
+    for a say whose own part failed; a failure in the shared step fails them all."""
+    start = time.perf_counter()
+    outcomes: list[Any] = []
+    for stream, text, how in says:
+        try:
+            outcomes.append(stream._plan_step(text, how))
+        except Exception as exc:
+            outcomes.append(Failed(exc))
+    planned = [(i, plan) for i, plan in enumerate(outcomes) if isinstance(plan, _Planned)]
+    steps = step_together([plan.step for _, plan in planned]) if planned else []
+    for (index, plan), latents in zip(planned, steps):
+        try:
+            outcomes[index] = plan.stream._after_step(plan, latents)
+        except Exception as exc:
+            outcomes[index] = Failed(exc)
+    share = (time.perf_counter() - start) / len(says)
+    return [outcome if isinstance(outcome, Failed) else (outcome, share) for outcome in outcomes]
 
 
 def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
@@ -511,7 +552,8 @@ class SynthesisStream:
         self._fresh = False
         if text:
             started = time.perf_counter()
-            (prepared, unsettled), seconds = await self._compute(self._prepare, text, how)
+            job = self._executor.submit_batch_by(self._deadline(), self._batch_key(text), _prepare_together, (self, text, how))
+            (prepared, unsettled), seconds = await self._result(job)
             self.metrics.acoustic_seconds.append(seconds)
             if unsettled:
                 self._held_text.insert(0, unsettled)
@@ -531,8 +573,9 @@ class SynthesisStream:
             if self._recording is not None:
                 self._store(self._recording)
 
-    def _prepare(self, text: str, how: _Say) -> tuple[_Prepared | None, str]:
-        """Phonemes, acoustic step and decoder set-up for what is said now (on the compute thread).
+    def _plan_step(self, text: str, how: _Say) -> _Planned | tuple[None, str]:
+        """Phonemes and settling rule of what is said now (on the compute thread), or, when
+        there is nothing to step, the result at once.
 
         While the sentence goes on, the words in the lookahead are not settled: their text is
         returned, to be phonemized again with what follows it.
@@ -563,15 +606,28 @@ class SynthesisStream:
                 most_held_ids=2 * max(acoustic.context_phonemes, acoustic.lookahead_phonemes),
                 least_ids=least,
             )
-        latents = self._acoustic.step(phonemes.ids, settle)
+        step = StepRequest(self._acoustic, phonemes.ids, settle)
+        return _Planned(self, text, phonemes, step, small_first=not (self._busy_start or shared))
+
+    def _after_step(self, planned: _Planned, latents: ChunkLatents) -> tuple[_Prepared | None, str]:
+        """Decoder set-up for the settled part of a step; the unsettled text is returned."""
+        text, phonemes = planned.text, planned.phonemes
         n = len(latents.ids)
         unsettled = unsettled_text(text, phonemes.words, n) if n < len(phonemes.ids) else ""
         if not n:
             return None, unsettled
         joined = self._decoder.begin_chunk(latents.z, latents.right)
         settled = tuple(w for w in phonemes.words if w.end <= n)
-        blocks = self._decoder.plan(latents.z.shape[2], small_first=not (self._busy_start or shared))
+        blocks = self._decoder.plan(latents.z.shape[2], small_first=planned.small_first)
         return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
+
+    def _batch_key(self, text: str) -> tuple[object, int] | None:
+        """Which says may take their acoustic step in one batch: of the same model, and of
+        similar, short length (padding a short step to a long one costs more than batching
+        saves: docs/ARCHITECTURE.md). None: this one steps alone."""
+        ids = len(self._acoustic.context) + IDS_PER_CHAR * len(text)
+        size = next((bound for bound in BATCH_ID_BOUNDS if ids <= bound), None)
+        return None if size is None else (self.voice.model, size)
 
     def _shared_start(self) -> bool:
         """Whether this say is the first of an utterance while other streams are live or their
@@ -633,10 +689,6 @@ class SynthesisStream:
         if m.first_audio is None:
             return (m.first_chunk or time.perf_counter()) + FIRST_AUDIO_BUDGET
         return self._playback_end()
-
-    async def _compute(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
-        """Run fn on the compute thread; returns its result and the seconds it took there."""
-        return await self._result(self._executor.submit_by(self._deadline(), _timed, fn, *args))
 
     async def _result(self, job: Future) -> tuple[Any, float]:
         result, seconds = await asyncio.wrap_future(job)
