@@ -74,7 +74,8 @@ class StreamOptions:
     # for this many words (or its sentence's end, or a stall in the text) before its first
     # say, settles this much audio in it, and skips the small first block: a one-word first
     # clause ("Sure,") or a short first block would not cover the wait for the next job behind the
-    # other streams.
+    # other streams. Text sent in one piece gathers as many words before its first say, busy or
+    # not (they are already there).
     busy_start_words: int = 6
     busy_start_settle_s: float = 1.0
     chunker: ChunkerOptions = field(default_factory=ChunkerOptions)
@@ -531,8 +532,12 @@ class SynthesisStream:
         if sum(map(len, self._held_text)) > self.options.max_held_chars:
             return True
         if not self._spoke_in_utterance:
+            # Text sent in one piece gathers as many words as a busy start before its first
+            # say: it must settle FIRST_SAY_IDS (_plan_step), which three words past the
+            # lookahead rarely give, and its words are already there, so this costs no wait.
+            gather = self._busy_start or (not self._trickling and self._text_decides())
             held_words = sum(len(piece.split()) for piece in self._held_text)
-            return not self._busy_start or self._last_cut == Cut.PAUSE or held_words >= self.options.busy_start_words
+            return not gather or self._last_cut == Cut.PAUSE or held_words >= self.options.busy_start_words
         if self._text_decides():
             return False
         return self._playback_end() - self._hold_margin() <= time.perf_counter()
@@ -584,9 +589,12 @@ class SynthesisStream:
         # Beside other streams an utterance's first say must leave the listener enough audio to
         # cover the wait for the next job behind their work. Its first block is the larger one
         # whatever the text: block sizes do not change the audio (each block is decoded with its
-        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first; text
-        # sent in one piece is cut the same whatever else runs.
-        settle_more = shared and self._trickling
+        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first. Text
+        # sent in one piece (its end or flush queued behind it: all of it is known) always does,
+        # so it is cut the same whatever else runs; its later words are already there, so alone
+        # this costs a few ms, not a wait.
+        first_say = not self._spoke_in_utterance
+        settle_more = first_say and (shared if self._trickling else self._text_decides())
         closes = how in (_Say.SENTENCE, _Say.FINAL)
         phonemes = self.voice.phonemizer.phonemize(text, bos=self._sentence_start, eos=closes)
         if not phonemes.ids:
