@@ -13,7 +13,9 @@ from voxflow.streaming import acoustic
 from voxflow.streaming.acoustic import AcousticState, StepRequest, step_together
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
+from voxflow.voices.scales import Scales
 from voxflow.voices.voice import Voice
+from test_voice_shapes import CASES, random_model
 
 # Different lengths, so every batch pads all but its longest sequence.
 TEXTS = [
@@ -74,6 +76,23 @@ def test_a_batch_of_one_runs_unpadded_like_the_whole_rendering(voice):
         whole, durations = voice.model.infer_latents(torch.as_tensor(ids)[None], voice.info.defaults)
     assert torch.equal(latents.durations, durations)
     assert torch.equal(latents.z, whole)
+
+
+def test_each_stream_of_a_batch_keeps_its_own_speaker():
+    """A multi-speaker voice: speaker conditioning [batch, gin, 1] reaches each row's step."""
+    model = random_model(CASES["medium_multi_speaker"].cfg).eval()
+    ids = [[1, 20, 3, 21, 4, 22, 2], [1, 30, 5, 31, 6, 32, 7, 33, 8, 34, 2], [1, 40, 2]]
+    speakers = [0, 2, 1]
+
+    def fresh() -> list[AcousticState]:
+        return [AcousticState(model, Scales(), speaker, seed) for seed, speaker in enumerate(speakers)]
+
+    alone = [step_together([StepRequest(state, sequence)])[0] for state, sequence in zip(fresh(), ids)]
+    batched = step_together([StepRequest(state, sequence) for state, sequence in zip(fresh(), ids)])
+    for a, b in zip(alone, batched):
+        assert torch.equal(a.durations, b.durations)
+        torch.testing.assert_close(b.z, a.z, atol=2e-3, rtol=0)
+    assert not torch.equal(alone[0].z[:, :, :4], alone[1].z[:, :, :4])  # the speakers do differ
 
 
 def test_steps_of_different_models_are_refused(voice, engine):
