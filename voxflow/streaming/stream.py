@@ -74,8 +74,8 @@ class StreamOptions:
     # for this many words (or its sentence's end, or a stall in the text) before its first
     # say, settles this much audio in it, and skips the small first block: a one-word first
     # clause ("Sure,") or a short first block would not cover the wait for the next job behind the
-    # other streams. Text sent in one piece gathers as many words before its first say, busy or
-    # not (they are already there).
+    # other streams. A longer text sent in one piece gathers as many words before its first say,
+    # busy or not (they are already there).
     busy_start_words: int = 6
     busy_start_settle_s: float = 1.0
     chunker: ChunkerOptions = field(default_factory=ChunkerOptions)
@@ -237,6 +237,8 @@ class SynthesisStream:
         self._busy_start = False  # this utterance started with the compute threads busy
         self._trickling = False  # this utterance's text came in more than one piece
         self._utterance_pieces = 0  # text pieces of the current utterance read so far
+        self._utterance_words = 0  # and their words
+        self._long_whole_text = False  # this utterance is long text sent in one piece (_take)
         self._say_latency = 0.0  # seconds from the last say's start to its first audio
         self._text_chars = 0
         self._closed = False
@@ -354,6 +356,7 @@ class SynthesisStream:
     def _counted(self, item: str | Flush) -> str | Flush:
         """Count the utterance's text pieces as the chunker reads them (a flush starts over)."""
         self._utterance_pieces = self._utterance_pieces + 1 if isinstance(item, str) else 0
+        self._utterance_words = self._utterance_words + len(item.split()) if isinstance(item, str) else 0
         return item
 
     def _queued_utterance(self, first: str) -> tuple[list[str], Flush | _End | None]:
@@ -517,6 +520,16 @@ class SynthesisStream:
             # however busy the machine is (the audio cache and seeded replays rely on it).
             self._trickling = trickling = self._utterance_pieces > 1
             self._busy_start = trickling and self._executor.backlog() > self._executor.workers
+            # Text sent in one piece (its end or flush queued behind it: all of it is known) of
+            # more than busy_start_words words gathers them before its first say and settles
+            # FIRST_SAY_IDS (~0.5 s of speech) in it, alone or not: beside other streams a
+            # shorter first say ("I" of "I checked your calendar", 0.12 s) does not cover the
+            # wait for the next, and deciding by the text alone keeps it cut the same however
+            # busy the machine is. Its words are already there, so alone it costs a few ms of
+            # first audio, and a short text (a flushed clause) keeps its small, fast first say.
+            self._long_whole_text = (
+                not trickling and self._text_decides() and self._utterance_words > self.options.busy_start_words
+            )
         if chunk.text:
             self._held_text.append(chunk.text)
             self._fresh = True
@@ -532,10 +545,7 @@ class SynthesisStream:
         if sum(map(len, self._held_text)) > self.options.max_held_chars:
             return True
         if not self._spoke_in_utterance:
-            # Text sent in one piece gathers as many words as a busy start before its first
-            # say: it must settle FIRST_SAY_IDS (_plan_step), which three words past the
-            # lookahead rarely give, and its words are already there, so this costs no wait.
-            gather = self._busy_start or (not self._trickling and self._text_decides())
+            gather = self._busy_start or self._long_whole_text
             held_words = sum(len(piece.split()) for piece in self._held_text)
             return not gather or self._last_cut == Cut.PAUSE or held_words >= self.options.busy_start_words
         if self._text_decides():
@@ -589,12 +599,10 @@ class SynthesisStream:
         # Beside other streams an utterance's first say must leave the listener enough audio to
         # cover the wait for the next job behind their work. Its first block is the larger one
         # whatever the text: block sizes do not change the audio (each block is decoded with its
-        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first. Text
-        # sent in one piece (its end or flush queued behind it: all of it is known) always does,
-        # so it is cut the same whatever else runs; its later words are already there, so alone
-        # this costs a few ms, not a wait.
+        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first, and a
+        # long text sent in one piece always does (_take).
         first_say = not self._spoke_in_utterance
-        settle_more = first_say and (shared if self._trickling else self._text_decides())
+        settle_more = first_say and (shared if self._trickling else self._long_whole_text)
         closes = how in (_Say.SENTENCE, _Say.FINAL)
         phonemes = self.voice.phonemizer.phonemize(text, bos=self._sentence_start, eos=closes)
         if not phonemes.ids:
