@@ -15,10 +15,11 @@ from voxflow.streaming.tokens import gpt_like_tokens
 REPLY = "Sure, I can help with that right away for you today."
 
 
-async def first_say(engine, busy: bool, others: int | None = None) -> tuple[str, bool, int]:
+async def first_say(engine, busy: bool, others: int | None = None, whole: str | None = None) -> tuple[str, bool, int]:
     """The text of the stream's first say, whether its first block was the small one, and the
     ids it settled. `others` jobs of other work hold compute threads meanwhile (default: none
-    when idle, every thread and one more job when busy)."""
+    when idle, every thread and one more job when busy). REPLY comes token by token, or `whole`
+    in one piece."""
     release = threading.Event()
     others = (engine._executor.workers + 1 if busy else 0) if others is None else others
     blockers = [engine._executor.submit(release.wait, 30) for _ in range(others)]
@@ -35,7 +36,9 @@ async def first_say(engine, busy: bool, others: int | None = None) -> tuple[str,
 
     stream._after_step = spy_after_step
     try:
-        for token in gpt_like_tokens(REPLY):
+        if whole:
+            await stream.push(whole)  # and the end at once, as a transport sends text whole
+        for token in [] if whole else gpt_like_tokens(REPLY):
             await stream.push(token)
             await asyncio.sleep(0.02)  # words arrive one by one, as from an LLM
         await stream.end()
@@ -84,6 +87,16 @@ async def test_beside_another_live_stream_a_first_say_leaves_the_listener_enough
         await other.aclose()
     assert ids >= FIRST_SAY_IDS and not small_first_block
     assert other not in engine._live  # an ended stream no longer counts
+
+
+async def test_a_long_text_sent_whole_settles_more_in_its_first_say_even_alone(engine):
+    """Decided by the text, not the load, so that it is cut the same however busy the machine is;
+    a short one (a six-word clause) keeps the small, fast first say."""
+    text, small_first_block, ids = await first_say(engine, busy=False, whole=REPLY)
+    assert ids >= FIRST_SAY_IDS and len(text.split()) >= 6
+    assert small_first_block  # alone: the fast first block all the same
+    text, _, ids = await first_say(engine, busy=False, whole="The kettle has just finished boiling.")
+    assert ids < FIRST_SAY_IDS and len(text.split()) <= 4
 
 
 async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
