@@ -6,6 +6,12 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a fresh clone's CI sees what the last
+# run saw (without it, each run without an example database draws new ones).
+settings.register_profile("deterministic", derandomize=True)
+settings.load_profile("deterministic")
 
 from mosquitto_harness import Broker, start_mosquitto
 from server_harness import RunningServer, run_server
