@@ -152,6 +152,8 @@ class StepRequest:
 
 def _padded(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """[1, C, T_i] tensors right-padded with zeros to the longest and stacked: [n, C, max T_i]."""
+    if len(parts) == 1:
+        return parts[0]  # a lone step: no copy
     longest = max(part.shape[2] for part in parts)
     return torch.cat([F.pad(part, (0, longest - part.shape[2])) for part in parts])
 
