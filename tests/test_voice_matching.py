@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ from voxflow.transports.protocols.native_protocol import AudioPacket, Started
 from voxflow.voices import watermark
 from voxflow.voices.consent import consent_statement
 from voxflow.voices.make_match import ConsentInput, make_profile
-from voxflow.voices.matching import MatchParams, PitchStats, TuningGrid, VoiceTransform, analyse, mean_aperiodicity
+from voxflow.voices.matching import EQ_GRID, MatchParams, PitchStats, TuningGrid, VoiceTransform, analyse, long_term_envelope, mean_aperiodicity
 from voxflow.voices.profile import SUFFIX, MatchProfile
 from voxflow.voices.registry import DEFAULT_VOICE, VoiceRegistry
 from voxflow.voices.speaker_embedding import dvector_encoder, ge2e_encoder, similarity
@@ -111,6 +112,38 @@ def test_a_formant_ratio_above_one_raises_the_spectral_centroid(joe_speech: tupl
         return float((np.fft.rfftfreq(len(out), 1 / rate) * power).sum() / power.sum())
 
     assert centroid(1.2) > 1.1 * centroid(1.0)
+
+
+def test_the_unvoiced_equaliser_colours_only_unvoiced_frames(joe_speech: tuple[np.ndarray, int]) -> None:
+    """A +12 dB shelf above 4 kHz on unvoiced frames: the voiced frames' spectra stay as the
+    voiced equaliser leaves them, the unvoiced frames' gain the shelf."""
+    audio, rate = joe_speech
+    base = analyse(audio, rate)
+    stats, flat, ap = PitchStats.of(base.f0), tuple(0.0 for _ in range(129)), mean_aperiodicity(base)
+    shelf = tuple(12.0 if f > 4000 else 0.0 for f in EQ_GRID)
+    plain = analyse(VoiceTransform(MatchParams(stats, stats, 1.0, 1.0, flat, ap), rate)(audio), rate, aperiodicity=False)
+    shelved = analyse(VoiceTransform(MatchParams(stats, stats, 1.0, 1.0, flat, ap, unvoiced_eq_db=shelf), rate)(audio), rate, aperiodicity=False)
+
+    def high_band_db(a, voiced: bool) -> float:
+        db = long_term_envelope(a, voiced=voiced)
+        return float(db[EQ_GRID > 4500].mean() - db[(EQ_GRID > 300) & (EQ_GRID < 3000)].mean())
+
+    assert high_band_db(shelved, voiced=False) - high_band_db(plain, voiced=False) > 6
+    assert abs(high_band_db(shelved, voiced=True) - high_band_db(plain, voiced=True)) < 2
+
+
+def test_a_profile_made_before_the_unvoiced_equaliser_reads_and_sounds_as_before(profile: MatchProfile, joe_speech: tuple[np.ndarray, int]) -> None:
+    """Older profile files have no unvoiced curve: the voiced equaliser colours every frame,
+    the transform they were tuned with."""
+    audio, rate = joe_speech
+    data = profile.params.to_json()
+    assert data.pop("unvoiced_eq_db") != data["eq_db"]
+    old = MatchParams.from_json(data)
+    assert old.unvoiced_eq_db is None
+    clip = audio[: rate * 2]
+    assert np.array_equal(VoiceTransform(old, rate)(clip), VoiceTransform(replace(old, unvoiced_eq_db=old.eq_db), rate)(clip))
+    with pytest.raises(ValueError, match="unvoiced_eq_db must have 129 values"):
+        MatchParams.from_json({**data, "unvoiced_eq_db": [0.0] * 5})
 
 
 # -- making a profile --------------------------------------------------------------------------

@@ -10,6 +10,8 @@ speaker encoder and a listener hear as voice colour:
 - colour: an equaliser curve, the difference between the reference's long-term envelope and the
   warped base voice's, scaled by a tuned strength. It also copies the recording's channel
   (a phone line's band limit, a room's colour), which is part of what the encoders hear.
+  Voiced and unvoiced speech get a curve each: a speaker's fricatives and breath have their own
+  colour, which the voiced frames' average says nothing about.
 The three tuned numbers are chosen by speaker similarity (the d-vector encoder) between the
 transformed base voice and reference sentences held out of the analysis (`tune`).
 
@@ -40,6 +42,9 @@ EQ_BAND = (80.0, 7000.0)  # where the curve is measured; outside it holds the ba
 EQ_LIMIT_DB = 24.0
 AP_POINTS = 129
 UNVOICED_AP = 0.999  # WORLD's aperiodicity of a frame without pitch
+# Unvoiced frames that count as speech (fricatives, breath) rather than the pauses' noise floor:
+# within this much of the recording's loud frames (its 95th percentile of frame energy).
+SPEECH_FLOOR_DB = 40.0
 # Context on each side of a block's span that the window transform analyses with: Praat's
 # pitch window (3 periods of PITCH_FLOOR, 60 ms) and WORLD's envelope window (3 periods of the
 # local pitch) reach half their length, ~30 ms, past a frame. More costs time before the
@@ -74,21 +79,30 @@ class MatchParams:
     target_pitch: PitchStats
     formant_ratio: float
     pitch_spread: float
-    eq_db: tuple[float, ...]  # on EQ_GRID, strength already applied
+    eq_db: tuple[float, ...]  # voiced frames, on EQ_GRID, strength already applied
     # The base voice's mean aperiodicity in voiced frames, on AP_POINTS points from 0 Hz to
     # half its rate. Resynthesis uses it instead of measuring each block's (WORLD's D4C): that
     # halves the transform's cost and measured no change in similarity or WER.
     aperiodicity: tuple[float, ...]
+    # Unvoiced frames' equaliser, on EQ_GRID; None: the voiced one (profiles made before it).
+    unvoiced_eq_db: tuple[float, ...] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "MatchParams":
-        eq = tuple(float(v) for v in data["eq_db"])
-        ap = tuple(float(v) for v in data["aperiodicity"])
-        if len(eq) != len(EQ_GRID) or len(ap) != AP_POINTS:
-            raise ValueError(f"eq_db must have {len(EQ_GRID)} values and aperiodicity {AP_POINTS}")
+        def curve(key: str, points: int = len(EQ_GRID)) -> tuple[float, ...] | None:
+            if data.get(key) is None:
+                return None
+            values = tuple(float(v) for v in data[key])
+            if len(values) != points:
+                raise ValueError(f"{key} must have {points} values")
+            return values
+
+        eq, ap = curve("eq_db"), curve("aperiodicity", AP_POINTS)
+        if eq is None or ap is None:
+            raise ValueError("eq_db and aperiodicity are required")
         return cls(
             PitchStats(**data["base_pitch"]),
             PitchStats(**data["target_pitch"]),
@@ -96,6 +110,7 @@ class MatchParams:
             float(data["pitch_spread"]),
             eq,
             ap,
+            curve("unvoiced_eq_db"),
         )
 
 
@@ -148,12 +163,15 @@ def _bin_freqs(bins: int, rate: int) -> np.ndarray:
     return np.linspace(0.0, rate / 2, bins)
 
 
-def long_term_envelope(analysis: Analysis) -> np.ndarray:
-    """Mean log envelope (dB) of voiced frames on EQ_GRID."""
-    voiced = analysis.f0 > 0
-    if not voiced.any():
-        raise ValueError("no voiced speech")
-    db = 10 * np.log10(analysis.envelope[voiced] + 1e-16).mean(axis=0)
+def long_term_envelope(analysis: Analysis, voiced: bool = True) -> np.ndarray:
+    """Mean log envelope (dB) on EQ_GRID of the voiced frames, or of the unvoiced frames that
+    are speech rather than pause."""
+    power = analysis.envelope.sum(axis=1)
+    loud = 10 * np.log10(power + 1e-16) > 10 * np.log10(np.percentile(power, 95) + 1e-16) - SPEECH_FLOOR_DB
+    frames = analysis.f0 > 0 if voiced else (analysis.f0 == 0) & loud
+    if not frames.any():
+        raise ValueError("no voiced speech" if voiced else "no unvoiced speech")
+    db = 10 * np.log10(analysis.envelope[frames] + 1e-16).mean(axis=0)
     return np.interp(EQ_GRID, _bin_freqs(len(db), analysis.rate), db)
 
 
@@ -181,16 +199,21 @@ class VoiceTransform:
         self.params = params
         self.rate = rate
         self._scale = params.target_pitch.std * params.pitch_spread / max(params.base_pitch.std, 1e-6)
-        self._curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per envelope bin count
+        self._curves: dict[int, _Curves] = {}  # per envelope bin count
 
-    def _curves_for(self, bins: int) -> tuple[np.ndarray, np.ndarray]:
-        """The equaliser's log-power gain and the voiced aperiodicity on an envelope's bins."""
+    def _curves_for(self, bins: int) -> "_Curves":
         curves = self._curves.get(bins)
         if curves is None:
+            p = self.params
             freqs = _bin_freqs(bins, self.rate)
-            gain = np.interp(np.minimum(freqs, EQ_GRID[-1]), EQ_GRID, np.asarray(self.params.eq_db)) * (np.log(10) / 10)
-            ap = np.interp(freqs, np.linspace(0, self.rate / 2, AP_POINTS), np.asarray(self.params.aperiodicity))
-            curves = self._curves[bins] = (gain, ap)
+            on_bins = lambda curve: np.interp(np.minimum(freqs, EQ_GRID[-1]), EQ_GRID, np.asarray(curve))  # noqa: E731
+            natural = np.log(10) / 10  # dB to natural log of power
+            voiced_gain = on_bins(p.eq_db) * natural
+            curves = self._curves[bins] = _Curves(
+                voiced_gain,
+                voiced_gain if p.unvoiced_eq_db is None else on_bins(p.unvoiced_eq_db) * natural,
+                np.interp(freqs, np.linspace(0, self.rate / 2, AP_POINTS), np.asarray(p.aperiodicity)),
+            )
         return curves
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
@@ -210,12 +233,22 @@ class VoiceTransform:
         lo = np.minimum(np.searchsorted(freqs, source, side="right") - 1, len(freqs) - 2)
         frac = (source - freqs[lo]) / (freqs[lo + 1] - freqs[lo])
         warped = log_env[:, lo] * (1 - frac) + log_env[:, lo + 1] * frac
-        gain, voiced_ap = self._curves_for(len(freqs))
+        c = self._curves_for(len(freqs))
+        column = voiced[:, None]
         # C order for WORLD: indexing columns leaves the result in Fortran order.
-        envelope = np.ascontiguousarray(np.exp(warped + gain))
-        aperiodicity = np.where(voiced[:, None], voiced_ap[None, :], UNVOICED_AP)
+        envelope = np.ascontiguousarray(np.exp(warped + np.where(column, c.voiced_gain, c.unvoiced_gain)))
+        aperiodicity = np.where(column, c.voiced_ap[None, :], UNVOICED_AP)
         out = pw.synthesize(f0, envelope, aperiodicity, self.rate, FRAME_MS)
         return out[: len(audio)].astype(np.float32) if len(out) >= len(audio) else np.pad(out, (0, len(audio) - len(out))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Curves:
+    """MatchParams' curves on one envelope's bins, natural-log power where they are gains."""
+
+    voiced_gain: np.ndarray
+    unvoiced_gain: np.ndarray
+    voiced_ap: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -258,15 +291,27 @@ def tune(
     ref = analyse(reference, rate, aperiodicity=False)
     base = analyse(base_speech, base_rate)
     ref_db, base_db = long_term_envelope(ref), long_term_envelope(base)
+    ref_unvoiced_db, base_unvoiced_db = long_term_envelope(ref, voiced=False), long_term_envelope(base, voiced=False)
     target = embed(held_out, rate)
     base_pitch, target_pitch = PitchStats.of(base.f0), PitchStats.of(ref.f0)
     scores: dict[tuple[float, float, float], float] = {}
 
     aperiodicity = mean_aperiodicity(base)
 
+    def rounded(curve: np.ndarray) -> tuple[float, ...]:
+        return tuple(round(float(v), 3) for v in curve)
+
     def params(ratio: float, spread: float, strength: float) -> MatchParams:
-        eq = tuple(round(float(v), 3) for v in eq_curve(ref_db, base_db, ratio, strength))
-        return MatchParams(base_pitch, target_pitch, ratio, spread, eq, aperiodicity)
+        return MatchParams(
+            base_pitch,
+            target_pitch,
+            ratio,
+            spread,
+            rounded(eq_curve(ref_db, base_db, ratio, strength)),
+            aperiodicity,
+            # One strength for both curves: a fourth tuned number would double the renderings.
+            rounded(eq_curve(ref_unvoiced_db, base_unvoiced_db, ratio, strength)),
+        )
 
     def score(point: tuple[float, float, float]) -> float:
         if point not in scores:
