@@ -38,6 +38,7 @@ TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def bridged(engine: Engine, mosquitto: Broker) -> Iterator[RunningServer]:
     with run_server(engine, mqtt_url=mosquitto.url) as running:
+        _wait_online(mosquitto, "voxflow")
         yield running
 
 
@@ -51,6 +52,18 @@ async def _wait_status(client: aiomqtt.Client, wanted: str, prefix: str = "voxfl
         async for message in client.messages:
             if message.topic.value == f"{prefix}/status" and message.payload == wanted.encode():
                 return
+
+
+def _wait_online(broker: Broker, prefix: str) -> None:
+    """The bridge connects beside the HTTP server's start, so a server that answers HTTP may not
+    have subscribed yet, and a request published before it has is lost (MQTT keeps none).
+    `online` is published once every subscription is in place, as a device would wait for it."""
+
+    async def wait() -> None:
+        async with _client(broker) as client:
+            await _wait_status(client, "online", prefix)
+
+    asyncio.run(wait())
 
 
 @dataclass
@@ -292,6 +305,7 @@ async def test_a_response_topic_outside_the_prefix_is_refused(bridged: RunningSe
 def unshared(engine: Engine, mosquitto: Broker) -> Iterator[RunningServer]:
     """A worker that is not part of a share group: it alone answers, so it can tell unknown ids."""
     with run_server(engine, mqtt_url=mosquitto.url, mqtt_prefix="solo", mqtt_share_group="") as running:
+        _wait_online(mosquitto, "solo")
         yield running
 
 
