@@ -24,10 +24,10 @@ from voxflow.streaming.audio_cache import AudioCache
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
 from voxflow.transports.protocols.native_protocol import AudioPacket, Started
-from voxflow.voices import watermark
+from voxflow.voices import matching, watermark
 from voxflow.voices.consent import consent_statement
 from voxflow.voices.make_match import ConsentInput, make_profile
-from voxflow.voices.matching import EQ_GRID, MatchParams, PitchStats, TuningGrid, VoiceTransform, analyse, long_term_envelope, mean_aperiodicity
+from voxflow.voices.matching import EQ_GRID, Analysis, MatchParams, PitchStats, TuningGrid, VoiceTransform, analyse, long_term_envelope, mean_aperiodicity, tune
 from voxflow.voices.profile import SUFFIX, MatchProfile
 from voxflow.voices.registry import DEFAULT_VOICE, VoiceRegistry
 from voxflow.voices.speaker_embedding import dvector_encoder, ge2e_encoder, similarity
@@ -130,6 +130,24 @@ def test_the_unvoiced_equaliser_colours_only_unvoiced_frames(joe_speech: tuple[n
 
     assert high_band_db(shelved, voiced=False) - high_band_db(plain, voiced=False) > 6
     assert abs(high_band_db(shelved, voiced=True) - high_band_db(plain, voiced=True)) < 2
+
+
+def test_a_reference_without_voiceless_sounds_gets_the_voiced_curve_everywhere(joe_speech: tuple[np.ndarray, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    audio, rate = joe_speech
+    voiced_only = Analysis(np.full(100, 120.0), np.ones((100, 513)), np.zeros(0), rate)
+    with pytest.raises(ValueError, match="no unvoiced speech"):
+        long_term_envelope(voiced_only, voiced=False)
+    assert long_term_envelope(voiced_only).shape == EQ_GRID.shape
+
+    measured = matching.long_term_envelope
+
+    def as_if_all_voiced(analysis: Analysis, voiced: bool = True) -> np.ndarray:
+        return measured(analysis, voiced) if voiced else long_term_envelope(voiced_only, voiced=False)
+
+    monkeypatch.setattr(matching, "long_term_envelope", as_if_all_voiced)
+    half = len(audio) // 2
+    result = tune(audio[:half], audio[half:], rate, audio, rate, lambda a, r: np.ones(4) / 2, SMALL_GRID)
+    assert result.params.unvoiced_eq_db is None and len(result.params.eq_db) == len(EQ_GRID)
 
 
 def test_a_profile_made_before_the_unvoiced_equaliser_reads_and_sounds_as_before(profile: MatchProfile, joe_speech: tuple[np.ndarray, int]) -> None:

@@ -291,7 +291,10 @@ def tune(
     ref = analyse(reference, rate, aperiodicity=False)
     base = analyse(base_speech, base_rate)
     ref_db, base_db = long_term_envelope(ref), long_term_envelope(base)
-    ref_unvoiced_db, base_unvoiced_db = long_term_envelope(ref, voiced=False), long_term_envelope(base, voiced=False)
+    try:
+        unvoiced: tuple[np.ndarray, np.ndarray] | None = (long_term_envelope(ref, voiced=False), long_term_envelope(base, voiced=False))
+    except ValueError:  # no voiceless sound at all (a sung vowel): the voiced curve serves for every frame
+        unvoiced = None
     target = embed(held_out, rate)
     base_pitch, target_pitch = PitchStats.of(base.f0), PitchStats.of(ref.f0)
     scores: dict[tuple[float, float, float], float] = {}
@@ -310,7 +313,7 @@ def tune(
             rounded(eq_curve(ref_db, base_db, ratio, strength)),
             aperiodicity,
             # One strength for both curves: a fourth tuned number would double the renderings.
-            rounded(eq_curve(ref_unvoiced_db, base_unvoiced_db, ratio, strength)),
+            None if unvoiced is None else rounded(eq_curve(*unvoiced, ratio, strength)),
         )
 
     def score(point: tuple[float, float, float]) -> float:
