@@ -206,7 +206,10 @@ class VoiceTransform:
         if curves is None:
             p = self.params
             freqs = _bin_freqs(bins, self.rate)
-            on_bins = lambda curve: np.interp(np.minimum(freqs, EQ_GRID[-1]), EQ_GRID, np.asarray(curve))  # noqa: E731
+
+            def on_bins(curve: tuple[float, ...]) -> np.ndarray:
+                return np.interp(np.minimum(freqs, EQ_GRID[-1]), EQ_GRID, np.asarray(curve))
+
             natural = np.log(10) / 10  # dB to natural log of power
             voiced_gain = on_bins(p.eq_db) * natural
             curves = self._curves[bins] = _Curves(
