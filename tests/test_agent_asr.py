@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,25 +99,65 @@ async def test_pocketsphinx_abandoned_session_returns_its_decoder(speech: dict[s
     recognizer = PocketsphinxRecognizer()
     try:
         await recognizer.warm_up()
-        assert recognizer.idle_decoders == 1
+        assert (await recognizer.stats()).idle_decoders == 1
         abandoned = recognizer.open_session()
         for chunk in chunks(speech[TIMER][: len(speech[TIMER]) // 2], FRAME_BYTES):
             await abandoned.feed(chunk)
-        await asyncio.sleep(0.05)  # let it decode part of the utterance
+        assert (await recognizer.stats()).open_sessions == 1  # its utterance has started
         await abandoned.aclose()
         await abandoned.aclose()
-        assert recognizer.idle_decoders == 1
+        stats = await recognizer.stats()
+        assert (stats.idle_decoders, stats.open_sessions) == (1, 0)
         with pytest.raises(RecognitionError):
             await abandoned.feed(speech[TIMER][:FRAME_BYTES])
         text = await recognize(recognizer.open_session(), speech[LIGHTS])
         assert word_error_rate([LIGHTS], [text]) <= 0.5, text
         # One decoder served both sessions: a second one would be idle now too.
-        assert recognizer.idle_decoders == 1
+        assert (await recognizer.stats()).idle_decoders == 1
     finally:
         await recognizer.aclose()
-    assert recognizer.idle_decoders == 0
+    with pytest.raises(RecognitionError):
+        await recognizer.stats()
     with pytest.raises(RecognitionError):
         recognizer.open_session()
+
+
+async def test_pocketsphinx_decodes_in_a_process_of_its_own(pocketsphinx: PocketsphinxRecognizer) -> None:
+    # pocketsphinx holds the GIL while it works: in this process it would pause the event loop.
+    assert (await pocketsphinx.stats()).pid != os.getpid()
+
+
+async def test_pocketsphinx_cancelled_finish_leaves_no_decoder_held(pocketsphinx: PocketsphinxRecognizer, speech: dict[str, bytes]) -> None:
+    session = pocketsphinx.open_session()
+    for chunk in chunks(speech[CALL], FRAME_BYTES):
+        await session.feed(chunk)
+    finishing = asyncio.create_task(session.finish())
+    await asyncio.sleep(0)
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    assert (await pocketsphinx.stats()).open_sessions == 0
+
+
+async def test_pocketsphinx_a_dead_worker_fails_its_sessions_and_is_replaced(speech: dict[str, bytes]) -> None:
+    recognizer = PocketsphinxRecognizer()
+    try:
+        interrupted = recognizer.open_session()
+        for chunk in chunks(speech[TIMER][: len(speech[TIMER]) // 2], FRAME_BYTES):
+            await interrupted.feed(chunk)
+        first = await recognizer.stats()
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(RecognitionError):
+            for chunk in chunks(speech[TIMER][len(speech[TIMER]) // 2 :], FRAME_BYTES):
+                await interrupted.feed(chunk)
+            await interrupted.finish()
+        # The next session starts a new worker, which knows nothing of the interrupted one.
+        text = await recognize(recognizer.open_session(), speech[LIGHTS])
+        assert word_error_rate([LIGHTS], [text]) <= 0.5, text
+        second = await recognizer.stats()
+        assert second.pid != first.pid and second.open_sessions == 0
+    finally:
+        await recognizer.aclose()
 
 
 async def test_pocketsphinx_sessions_run_concurrently(pocketsphinx: PocketsphinxRecognizer, speech: dict[str, bytes]) -> None:
