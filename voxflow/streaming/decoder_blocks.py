@@ -81,10 +81,14 @@ class BlockDecoder:
         sizes = self.options.block_frames
         return sizes[min(index - 1, len(sizes) - 1)]
 
-    def plan(self, n_frames: int) -> list[tuple[int, int]]:
-        """Block spans for a chunk of n_frames; a remainder under half a block joins the last block."""
+    def plan(self, n_frames: int, small_first: bool = True) -> list[tuple[int, int]]:
+        """Block spans for a chunk of n_frames; a remainder under half a block joins the last block.
+
+        small_first=False starts a run with a later block size: more audio from the first block,
+        for when the next one may wait behind other work.
+        """
         spans, start = [], 0
-        index = self.blocks_done
+        index = self.blocks_done if small_first else max(1, self.blocks_done)
         while start < n_frames:
             size = self._next_size(index)
             end = n_frames if n_frames - start < size + size // 2 else start + size

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from ..errors import InvalidRequest, LimitExceeded, StreamClosed, VoxflowError
@@ -96,7 +95,7 @@ class StreamMetrics:
     chunks: int = 0
     # per acoustic step (phonemes + encoder + flow), the most recent ones
     acoustic_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=256))
-    first_block_seconds: float | None = None  # its first render job: one block, or two beside other streams
+    first_block_seconds: float | None = None  # decoding the stream's first block
     cache_hits: int = 0  # utterances replayed from the audio cache
     cache_misses: int = 0  # cacheable utterances that had to be synthesized
 
@@ -116,7 +115,6 @@ class _Prepared:
     durations: list[int]  # frames per settled phoneme id
     joined: torch.Tensor  # decoder input: previous latent tail + settled latents + right context
     blocks: list[tuple[int, int]]
-    first_job_blocks: int
 
 
 @dataclass(frozen=True)
@@ -127,9 +125,7 @@ class _Planned:
     text: str
     phonemes: Phonemes
     step: StepRequest
-    # Decoder blocks rendered by the say's first job: 2 gives the listener more audio before
-    # the next job, for when that job may wait behind other streams' work.
-    first_job_blocks: int
+    small_first: bool
 
 
 class _End:
@@ -193,10 +189,6 @@ def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
     # Timed on the compute thread itself, so queueing behind other streams is not counted.
     start = time.perf_counter()
     return fn(*args), time.perf_counter() - start
-
-
-def _render_each(render: Callable[[Window], np.ndarray], windows: list[Window]) -> list[np.ndarray]:
-    return [render(window) for window in windows]
 
 
 _END = _End()
@@ -605,10 +597,10 @@ class SynthesisStream:
         """
         shared = self._shared_start()
         # Beside other streams an utterance's first say must leave the listener enough audio to
-        # cover the wait for the next job behind their work. Its first job renders two blocks
-        # whatever the text: the blocks, and so the bytes, stay those of the say alone. Text
-        # that trickles in also settles at least FIRST_SAY_IDS first, and a long text sent in
-        # one piece always does (_take).
+        # cover the wait for the next job behind their work. Its first block is the larger one
+        # whatever the text: block sizes do not change the audio (each block is decoded with its
+        # full context). Text that trickles in also settles at least FIRST_SAY_IDS first, and a
+        # long text sent in one piece always does (_take).
         first_say = not self._spoke_in_utterance
         settle_more = first_say and (shared if self._trickling else self._long_whole_text)
         closes = how in (_Say.SENTENCE, _Say.FINAL)
@@ -631,7 +623,7 @@ class SynthesisStream:
                 least_ids=least,
             )
         step = StepRequest(self._acoustic, phonemes.ids, settle)
-        return _Planned(self, text, phonemes, step, first_job_blocks=2 if self._busy_start or shared else 1)
+        return _Planned(self, text, phonemes, step, small_first=not (self._busy_start or shared))
 
     def _after_step(self, planned: _Planned, latents: ChunkLatents) -> tuple[_Prepared | None, str]:
         """Decoder set-up for the settled part of a step; the unsettled text is returned."""
@@ -642,8 +634,8 @@ class SynthesisStream:
             return None, unsettled
         joined = self._decoder.begin_chunk(latents.z, latents.right)
         settled = tuple(w for w in phonemes.words if w.end <= n)
-        blocks = self._decoder.plan(latents.z.shape[2])
-        return _Prepared(settled, latents.durations.tolist(), joined, blocks, planned.first_job_blocks), unsettled
+        blocks = self._decoder.plan(latents.z.shape[2], small_first=planned.small_first)
+        return _Prepared(settled, latents.durations.tolist(), joined, blocks), unsettled
 
     def _batch_key(self, text: str) -> tuple[object, int] | None:
         """Which says may take their acoustic step in one batch: of the same model, and of
@@ -673,34 +665,31 @@ class SynthesisStream:
             await self._output.put(event)
         self._timeline += sum(prepared.durations) * self._seconds_per_frame
         windows = [self._decoder.window(prepared.joined, start, end) for start, end in prepared.blocks]
-        lead = prepared.first_job_blocks
-        groups = [windows[:lead], *([window] for window in windows[lead:])]
         jobs: list[Future] = []
         try:
-            for index, group in enumerate(groups):
+            for index, window in enumerate(windows):
                 if index == len(jobs):
                     # Before the stream's first audio, when it will play is not known: the
-                    # first job goes alone, and the rest once it is out.
-                    jobs += self._queue_renders(groups[index:] if self.metrics.first_audio else groups[index : index + 1])
-                audios, seconds = await self._result(jobs[index])
+                    # first block goes alone, and the rest once it is out.
+                    jobs += self._queue_renders(windows[index:] if self.metrics.first_audio else windows[index : index + 1])
+                audio, seconds = await self._result(jobs[index])
                 if self.metrics.first_block_seconds is None:
                     self.metrics.first_block_seconds = seconds
                 if index == 0:
                     self._say_latency = time.perf_counter() - started
-                for window, audio in zip(group, audios):
-                    await self._emit_all(self._framer.push(self._decoder.stitch(window, audio)))
+                await self._emit_all(self._framer.push(self._decoder.stitch(window, audio)))
         finally:
             for job in jobs:
                 job.cancel()
 
-    def _queue_renders(self, groups: list[list[Window]]) -> list[Future]:
-        """Queue jobs of blocks at once, each due when its audio will play: on idle compute
-        threads they render side by side (a lone stream uses every thread); under load their
-        deadlines place them among the other streams' jobs."""
+    def _queue_renders(self, windows: list[Window]) -> list[Future]:
+        """Queue blocks at once, each due when its audio will play: on idle compute threads they
+        render side by side (a lone stream uses every thread); under load their deadlines place
+        them among the other streams' jobs."""
         due, jobs = self._deadline(), []
-        for group in groups:
-            jobs.append(self._executor.submit_by(due, _timed, _render_each, self._decoder.render, group))
-            due += sum(window.frames for window in group) * self._seconds_per_frame
+        for window in windows:
+            jobs.append(self._executor.submit_by(due, _timed, self._decoder.render, window))
+            due += window.frames * self._seconds_per_frame
         return jobs
 
     def _fail(self, code: str, message: str) -> None:

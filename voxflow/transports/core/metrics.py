@@ -43,7 +43,7 @@ class ServerMetrics:
             "voxflow_acoustic_step_seconds", "Phonemes and acoustic step per chunk", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.first_block = Histogram(
-            "voxflow_first_block_seconds", "Decoding a stream's first block (its first two beside other streams)", buckets=_LATENCY_BUCKETS, registry=r
+            "voxflow_first_block_seconds", "Decoding a stream's first block", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.first_frame_sent = Histogram(
             "voxflow_first_frame_sent_seconds", "First text received to first audio handed to the socket",
