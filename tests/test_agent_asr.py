@@ -195,6 +195,33 @@ async def test_pocketsphinx_finish_only_ends_the_utterance(pocketsphinx: Pockets
     assert await finish_seconds(pace=0.01) < await finish_seconds(pace=None) / 3
 
 
+def test_pocketsphinx_worker_exits_when_its_parent_is_killed() -> None:
+    program = (
+        "import asyncio\n"
+        "from voxflow.agent.asr_pocketsphinx import PocketsphinxRecognizer\n"
+        "async def main():\n"
+        "    recognizer = PocketsphinxRecognizer()\n"
+        "    print((await recognizer.stats()).pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 30  # a bound on a hang: the worker exits within milliseconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the recognition worker outlived its killed parent")
+
+
 # --- OpenAI-compatible server -------------------------------------------------------------
 
 

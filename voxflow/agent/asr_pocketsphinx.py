@@ -27,6 +27,7 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import os
+import threading
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -123,7 +124,17 @@ _decoders: _Decoders = None  # type: ignore[assignment]
 
 def _init_worker(max_idle: int) -> None:
     global _decoders
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
     _decoders = _Decoders(max_idle)
+
+
+def _exit_with_parent() -> None:
+    # A parent killed outright (SIGKILL, out of memory) never shuts the executor down, and the
+    # worker, which holds a write end of its own call queue, would wait for calls forever.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()
+        os._exit(0)
 
 
 def _feed(session: int, pcm: bytes) -> None:
