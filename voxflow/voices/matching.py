@@ -166,9 +166,11 @@ def _bin_freqs(bins: int, rate: int) -> np.ndarray:
 def long_term_envelope(analysis: Analysis, voiced: bool = True) -> np.ndarray:
     """Mean log envelope (dB) on EQ_GRID of the voiced frames, or of the unvoiced frames that
     are speech rather than pause."""
-    power = analysis.envelope.sum(axis=1)
-    loud = 10 * np.log10(power + 1e-16) > 10 * np.log10(np.percentile(power, 95) + 1e-16) - SPEECH_FLOOR_DB
-    frames = analysis.f0 > 0 if voiced else (analysis.f0 == 0) & loud
+    if voiced:
+        frames = analysis.f0 > 0
+    else:
+        power = analysis.envelope.sum(axis=1) + 1e-16
+        frames = (analysis.f0 == 0) & (power > np.percentile(power, 95) * 10 ** (-SPEECH_FLOOR_DB / 10))
     if not frames.any():
         raise ValueError("no voiced speech" if voiced else "no unvoiced speech")
     db = 10 * np.log10(analysis.envelope[frames] + 1e-16).mean(axis=0)
