@@ -8,9 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from voxflow.voices.channels_last import ChannelsLastConv
+from voxflow.voices.channels_last import ChannelsLastConv, to_channels_last
 from voxflow.voices.decoding import BUCKET_FRAMES, WindowDecoder, bucket
-from voxflow.voices.vits.hifigan import Generator, GeneratorConfig
+from voxflow.voices.fused_blocks import FusedResBlock, fusion_available
+from voxflow.voices.vits.hifigan import Generator, GeneratorConfig, ResBlock1, ResBlock2
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,40 @@ def test_the_cpu_decoder_runs_channels_last_and_leaves_the_model_as_loaded(voice
     assert convs == []
     assert any(isinstance(m, ChannelsLastConv) for m in fp32.generator.modules())
     assert all(not isinstance(m, ChannelsLastConv) for m in voice.model.dec.modules())
+
+
+def test_the_cpu_decoder_fuses_every_residual_block_where_onednn_runs_it(fp32: WindowDecoder) -> None:
+    assert fusion_available()  # x86-64 torch builds carry oneDNN
+    assert not any(isinstance(m, (ResBlock1, ResBlock2)) for m in fp32.generator.modules())
+    assert sum(isinstance(m, FusedResBlock) for m in fp32.generator.modules()) == len(fp32.generator.resblocks)
+
+
+def unfused(generator: Generator) -> Generator:
+    """The decoder as it runs without fusion: a channels-last copy."""
+    copy = Generator(generator.cfg).eval()
+    copy.load_state_dict(generator.state_dict())
+    to_channels_last(copy)
+    return copy
+
+
+@pytest.mark.parametrize("resblock", ["1", "2"])
+def test_fused_blocks_give_the_unfused_audio_bit_for_bit(voice, resblock: str) -> None:
+    """Padded and masked, batched, and bare: the fused float32 decoder's samples are the same
+    floats as the unfused one's (the same operations in the same order)."""
+    cfg = voice.model.dec.cfg
+    if resblock == "1":
+        generator = voice.model.dec
+    else:  # the low voices' blocks, on a random model of the same shape
+        torch.manual_seed(3)
+        generator = Generator(GeneratorConfig(**{**cfg.__dict__, "resblock": "2", "resblock_dilation_sizes": ((1, 2),) * 3})).eval()
+    fused = WindowDecoder(generator, torch.float32)
+    plain = unfused(generator)
+    windows = [latents(n, n) for n in (7, 32, 45)]
+    lengths = torch.tensor([7, 32, 45])
+    padded = torch.cat([torch.nn.functional.pad(w, (0, 48 - w.shape[2])) for w in windows])
+    with torch.inference_mode():
+        assert torch.equal(fused.generator(padded, None, lengths), plain(padded, None, lengths))
+        assert torch.equal(fused.generator(windows[1]), plain(windows[1]))
 
 
 def test_a_batch_of_windows_equals_each_window_alone(voice, fp32: WindowDecoder) -> None:
