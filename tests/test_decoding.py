@@ -86,6 +86,13 @@ def test_the_cpu_decoder_fuses_every_residual_block_where_onednn_runs_it(fp32: W
     assert sum(isinstance(m, FusedResBlock) for m in fp32.generator.modules()) == len(fp32.generator.resblocks)
 
 
+def test_the_fusion_probe_leaves_the_global_seed_alone() -> None:
+    """It runs when the first decoder is built, inside whoever seeded torch before that."""
+    state = torch.random.get_rng_state()
+    assert fusion_available.__wrapped__()
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
 def unfused(generator: Generator) -> Generator:
     """The decoder as it runs without fusion: a channels-last copy."""
     copy = Generator(generator.cfg).eval()
