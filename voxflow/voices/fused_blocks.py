@@ -1,13 +1,13 @@
 """HiFi-GAN's residual blocks with their activations and sums done inside the convolutions (CPU).
 
-In the channels-last float32 decoder, a third of the time outside the convolutions' own math
-went to the elementwise steps between them: each leaky ReLU and each residual sum is a pass of
-its own over tensors larger than a core's cache (at the last stage of a 96-frame window, 32
-channels by 24,576 samples, 3 MB). oneDNN applies such steps to a convolution's output while it
-is still in cache ("post-ops"); torch reaches them through `torch.ops.mkldnn._convolution_pointwise`,
-the op its compiler emits for this fusion. Called directly, the eager decoder gets the fusion
-without compiling, which cost seconds per shape (docs/ARCHITECTURE.md). In float32 the fused
-steps are the same operations in the same order: the audio is bit-for-bit the unfused blocks'.
+Profiled in float32, about a third of the channels-last decoder's time went to the elementwise
+steps between its convolutions: each leaky ReLU and each residual sum is a pass of its own over
+tensors larger than a core's cache (at the last stage of a 96-frame window, 32 channels by
+24,576 samples, 3 MB). oneDNN applies such steps to a convolution's output while it is still in
+cache ("post-ops"); torch reaches them through `torch.ops.mkldnn._convolution_pointwise`, the op
+its compiler emits for this fusion. Called directly, the eager decoder gets the fusion without
+compiling, which cost seconds per shape (docs/ARCHITECTURE.md). In float32 the fused steps are
+the same operations in the same order: the audio is bit-for-bit the unfused blocks'.
 """
 
 from __future__ import annotations
