@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from test_voice_shapes import CASES, random_model
 from voxflow.errors import VoiceFileError
 from voxflow.voices import piper_onnx
 from voxflow.voices.piper_export import export_piper_onnx
-from voxflow.voices.weights_cache import SUFFIX, cache_candidates, load_voice_model
+from voxflow.voices.weights_cache import SUFFIX, _without_initial_weights, cache_candidates, load_voice_model
 
 
 @pytest.fixture
@@ -57,6 +58,32 @@ def test_second_load_reads_the_copy_beside_the_voice(voice_file: Path, onnx_load
         a, _ = first.infer(ids, speaker_id=1)
         b, _ = second.infer(ids, speaker_id=1)
     assert torch.equal(a, b)
+
+
+def test_layers_skip_their_initial_draws_only_on_the_loading_thread() -> None:
+    """The copy fills every weight, so its load skips torch's random initialisation, and a
+    layer another thread builds meanwhile is initialised as always."""
+
+    def seeded_linear() -> torch.nn.Linear:
+        torch.manual_seed(1)
+        return torch.nn.Linear(8, 8)
+
+    expected = seeded_linear()
+    elsewhere: list[torch.nn.Linear] = []
+    with _without_initial_weights():
+        state = torch.random.get_rng_state()
+        torch.nn.Conv1d(16, 16, 5)
+        torch.nn.Embedding(10, 4)
+        assert torch.equal(state, torch.random.get_rng_state())  # nothing drawn here
+        other = threading.Thread(target=lambda: elsewhere.append(seeded_linear()))
+        other.start()
+        other.join()
+    assert torch.equal(elsewhere[0].weight, expected.weight) and torch.equal(elsewhere[0].bias, expected.bias)
+    assert not hasattr(torch.nn.init.uniform_, "__wrapped__")  # torch's own initialisers are back
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    torch.nn.Conv1d(16, 16, 5)
+    assert not torch.equal(state, torch.random.get_rng_state())
 
 
 def test_a_changed_voice_file_is_read_again(voice_file: Path, onnx_loads: list[Path]) -> None:
