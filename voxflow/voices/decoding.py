@@ -1,6 +1,6 @@
 """HiFi-GAN as the engine runs it: windows padded to a few shapes, in the configured precision.
 
-Three measured facts on CPU shape this (docs/ARCHITECTURE.md, "Decoder precision and shapes"):
+Four measured facts on CPU shape this (docs/ARCHITECTURE.md, "Decoder precision and shapes"):
 - oneDNN builds a convolution kernel for each input shape it meets and keeps a bounded cache
   of them. Decoder windows come in every length, so most calls paid that build: the same
   frames decoded in windows of varied lengths cost ~1.35x what they cost in one repeated
