@@ -93,6 +93,32 @@ def test_the_fusion_probe_leaves_the_global_seed_alone() -> None:
     assert torch.equal(state, torch.random.get_rng_state())
 
 
+def high_voice_decoder() -> Generator:
+    """A random decoder shaped as Piper's "high" voices' (resblock 1); the medium default is resblock 2."""
+    torch.manual_seed(3)
+    cfg = GeneratorConfig(
+        in_channels=192, resblock="1", resblock_kernel_sizes=(3, 7, 11), resblock_dilation_sizes=((1, 3, 5),) * 3,
+        upsample_rates=(8, 8, 2, 2), upsample_initial_channel=512, upsample_kernel_sizes=(16, 16, 4, 4),
+    )
+    return Generator(cfg).eval()
+
+
+@pytest.mark.parametrize("resblock", ["1", "2"])
+def test_the_receptive_field_is_a_tight_bound(voice, resblock: str) -> None:
+    """A change to one latent frame reaches output samples up to receptive_frames frames away
+    on each side, and no further: block decoding needs that much context, and no more."""
+    generator = voice.model.dec if resblock == "2" else high_voice_decoder()
+    reach, hop = generator.cfg.receptive_frames, generator.cfg.hop_length
+    frame = reach + 2
+    z = latents(2 * reach + 5, 0)
+    moved = z.clone()
+    moved[:, :, frame] += 1.0
+    with torch.inference_mode():
+        changed = torch.nonzero(generator(z)[0, 0] != generator(moved)[0, 0]).flatten()
+    farthest = max(frame * hop - int(changed.min()), int(changed.max()) - ((frame + 1) * hop - 1))
+    assert (reach - 1) * hop < farthest <= reach * hop
+
+
 def unfused(generator: Generator) -> Generator:
     """The decoder as it runs without fusion: a channels-last copy."""
     copy = Generator(generator.cfg).eval()
@@ -105,12 +131,7 @@ def unfused(generator: Generator) -> Generator:
 def test_fused_blocks_give_the_unfused_audio_bit_for_bit(voice, resblock: str) -> None:
     """Padded and masked, batched, and bare: the fused float32 decoder's samples are the same
     floats as the unfused one's (the same operations in the same order)."""
-    cfg = voice.model.dec.cfg
-    if resblock == "1":
-        generator = voice.model.dec
-    else:  # the low voices' blocks, on a random model of the same shape
-        torch.manual_seed(3)
-        generator = Generator(GeneratorConfig(**{**cfg.__dict__, "resblock": "2", "resblock_dilation_sizes": ((1, 2),) * 3})).eval()
+    generator = voice.model.dec if resblock == "2" else high_voice_decoder()
     fused = WindowDecoder(generator, torch.float32)
     plain = unfused(generator)
     windows = [latents(n, n) for n in (7, 32, 45)]

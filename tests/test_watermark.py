@@ -30,7 +30,7 @@ from voxflow.wav import wav_file
 
 VOICE_RATE = 22_050
 HOP = 256
-CONTEXT_FRAMES = 12
+CONTEXT_FRAMES = 11
 SENTENCES = [
     "Please remember to call your mother this evening.",
     "Your order has shipped and should arrive on Thursday afternoon.",
@@ -61,8 +61,8 @@ def marked(marker: Watermarker, speech: np.ndarray) -> np.ndarray:
 
 
 def mark_in_blocks(marker: Watermarker, audio: np.ndarray, options: BlockOptions = BlockOptions()) -> np.ndarray:
-    """Mark `audio` the way the stream does: each decoder window (a block of 8, then 40 and 72
-    frames of 256 samples, with 12 frames of context each side) marked whole, then cropped and
+    """Mark `audio` the way the stream does: each decoder window (a block of 10, then 42 and 74
+    frames of 256 samples, with 11 frames of context each side) marked whole, then cropped and
     joined with a 256-sample crossfade by voxflow's own BlockDecoder, whose 'latents' here are
     frame numbers."""
     frames = -(-len(audio) // HOP)

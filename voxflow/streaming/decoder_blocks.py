@@ -2,7 +2,7 @@
 
 A block is decoded with up to `context_frames` latent frames on each side and cropped to its
 own span. The context defaults to the voice's HiFi-GAN receptive field (computed from its
-configuration: 12 frames for medium voices), so inside a chunk the stitched audio equals a
+configuration: 11 frames for medium voices), so inside a chunk the stitched audio equals a
 whole-chunk decode. A chunk's last block takes its right context from the provisional latents
 of the phonemes still held back. The last `crossfade` samples of each block are held back and
 blended with the same span as re-decoded by the next block: inside a chunk both agree and the
@@ -21,12 +21,13 @@ import torch
 
 @dataclass(frozen=True)
 class BlockOptions:
-    first_block_frames: int = 8  # ~93 ms of audio at hop 256 / 22050 Hz: a fast first packet
-    # Later blocks; the last size repeats. With 12 frames of context on each side their windows
-    # fill the decoder's 16-frame buckets exactly (64, 96), and larger blocks spend less of
-    # their time on context: 0.054 s of decoding per second of audio against 0.076 with
-    # (16, 32, 48), single-threaded, bfloat16 decoder (docs/ARCHITECTURE.md).
-    block_frames: tuple[int, ...] = (40, 72)
+    # With the medium voices' 11 frames of context on each side, every window fills the
+    # decoder's 16-frame buckets exactly (32, 64, 96 frames): no padded frame is decoded.
+    first_block_frames: int = 10  # ~116 ms of audio at hop 256 / 22050 Hz: a fast first packet
+    # Later blocks; the last size repeats. Larger blocks spend less of their time on context:
+    # 0.054 s of decoding per second of audio against 0.076 with (16, 32, 48), single-threaded,
+    # bfloat16 decoder (docs/ARCHITECTURE.md).
+    block_frames: tuple[int, ...] = (42, 74)
     context_frames: int | None = None  # None: the voice decoder's receptive field
     crossfade_samples: int = 256
 

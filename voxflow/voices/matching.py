@@ -48,7 +48,7 @@ SPEECH_FLOOR_DB = 40.0
 # Context on each side of a block's span that the window transform analyses with: Praat's
 # pitch window (3 periods of PITCH_FLOOR, 60 ms) and WORLD's envelope window (3 periods of the
 # local pitch) reach half their length, ~30 ms, past a frame. More costs time before the
-# first frame (the first block's span is only 93 ms).
+# first frame (the first block's span is only 116 ms).
 MARGIN_S = 0.04
 
 

@@ -49,8 +49,8 @@ Three choices are ours:
 Streaming: voxflow decodes audio in windows (a block plus up to ~140 ms of context each side)
 and crops each block out. `Watermarker.embed` on a whole window, cropped by the caller like the
 audio itself (profile.MatchProfile.effect), marks the stream so that the joined blocks detect as well as audio marked whole: block-wise marking
-differs from whole-signal marking by ~0.2 % of the mark (tests/test_watermark.py checks 8-, 40-
-and 72-frame blocks with 12 frames of context). It costs ~0.013 s per second of audio on one
+differs from whole-signal marking by ~0.2 % of the mark (tests/test_watermark.py checks 8-, 10-, 42-
+and 74-frame blocks with 11 frames of context). It costs ~0.013 s per second of audio on one
 thread, block-wise at 22050 Hz (0.008 whole); detection ~0.015.
 """
 

@@ -80,14 +80,17 @@ class GeneratorConfig:
         """Latent frames on each side that can change an output sample (rounded up).
 
         Each convolution reaches (kernel - 1) * dilation / 2 samples at its own stage's rate;
-        a stage's parallel resblocks are averaged, so the widest one counts. Block decoding
-        with this much context on both sides reproduces a whole decode.
+        a transposed convolution spreads each input frame over kernel samples at its output
+        rate, its own stride of them plus (kernel - stride) / 2 on each side; a stage's parallel
+        resblocks are averaged, so the widest one counts. Block decoding with this much context
+        on both sides reproduces a whole decode; the bound is tight to a few output samples
+        (tests/test_decoding.py perturbs one frame and finds where the output changes).
         """
         reach = 3.0  # conv_pre, kernel 7, at the latent rate
         rate = 1
         for up_rate, up_kernel in zip(self.upsample_rates, self.upsample_kernel_sizes):
-            reach += (up_kernel - up_rate) / 2 / (rate * up_rate) + 1 / rate  # transposed conv
             rate *= up_rate
+            reach += math.ceil((up_kernel - up_rate) / 2) / rate  # transposed conv, its wider side
             widest = 0.0
             for kernel, dilations in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes):
                 per_step = (kernel - 1) // 2
