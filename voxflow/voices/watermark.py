@@ -46,7 +46,7 @@ Three choices are ours:
   percentile >= 0.97 clean, after Opus 16 kbit/s and after MP3 32 kbit/s):
   benchmarks/watermark_measure.py, results in benchmarks/results/watermark.json.
 
-Streaming: voxflow decodes audio in windows (a block plus up to ~140 ms of context each side)
+Streaming: voxflow decodes audio in windows (a block plus up to ~130 ms of context each side)
 and crops each block out. `Watermarker.embed` on a whole window, cropped by the caller like the
 audio itself (profile.MatchProfile.effect), marks the stream so that the joined blocks detect as well as audio marked whole: block-wise marking
 differs from whole-signal marking by ~0.2 % of the mark (tests/test_watermark.py checks 8-, 10-, 42-
