@@ -21,8 +21,9 @@ import torch
 
 @dataclass(frozen=True)
 class BlockOptions:
-    # With the medium voices' 11 frames of context on each side, every window fills the
-    # decoder's 16-frame buckets exactly (32, 64, 96 frames): no padded frame is decoded.
+    # With the medium voices' 11 frames of context on each side, a block's window fills the
+    # decoder's 16-frame buckets exactly (32, 64, 96 frames): no padded frame is decoded. (Where
+    # a side has less context, at a stream's start or a chunk's end, the window is padded.)
     first_block_frames: int = 10  # ~116 ms of audio at hop 256 / 22050 Hz: a fast first packet
     # Later blocks; the last size repeats. Larger blocks spend less of their time on context:
     # 0.054 s of decoding per second of audio against 0.076 with (16, 32, 48), single-threaded,
