@@ -16,7 +16,8 @@ Four parts, one process (servers in processes of their own, one at a time):
    start together, each speaks one paragraph, either as LLM tokens (--tps) or whole in one
    message, and plays it through a 100 ms jitter buffer: playback starts 100 ms after the
    first frame and a frame not there when due is a stall (playback waits; one stall counts
-   once). The server's own CPU seconds per second of speech are read from /proc.
+   once). The server's own CPU seconds per second of speech are read from /proc, in all and
+   for its event-loop thread alone (what the server costs beyond the model).
 4. Server cost per second of speech, sequential whole-paragraph requests: voxflow's
    `POST /v1/audio/speech` (pcm) against piper-tts's own HTTP server (`python -m
    piper.http_server`, Flask), same texts, alternating passes.
@@ -190,8 +191,10 @@ async def speak(url: str, context: str, text: str, tps: float | None) -> Playbac
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process, or of one of its threads (Linux: /proc/PID/task/TID)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = open(path).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -217,10 +220,13 @@ def streams_row(runs: list[Playback], cpu: float, cpu_key: str, **extra: object)
 async def sweep(url: str, pid: int, counts: list[int], tps: float | None) -> list[dict]:
     rows = []
     for n in counts:
-        cpu_before = cpu_seconds(pid)
+        # The server's main thread runs its event loop (transports, framing, JSON), which is
+        # what the server costs beyond the model; the model runs on the compute threads.
+        cpu_before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
         runs = await asyncio.gather(*(speak(url, f"s{i}", PARAGRAPHS[i % len(PARAGRAPHS)], tps) for i in range(n)))
-        cpu = cpu_seconds(pid) - cpu_before
-        rows.append(streams_row(runs, cpu, "server_cpu_per_audio_s"))
+        cpu, loop = cpu_seconds(pid) - cpu_before, cpu_seconds(pid, pid) - loop_before
+        audio = sum(r.audio_s for r in runs)
+        rows.append(streams_row(runs, cpu, "server_cpu_per_audio_s", loop_cpu_per_audio_s=loop / audio if audio else None))
         await asyncio.sleep(1.0)  # let the server settle between counts
     return rows
 
@@ -333,8 +339,9 @@ def report(result: dict) -> tuple[list[tuple[str, str, str]], dict[str, bool]]:
         for name in ("tokens", "paragraphs"):
             for row in result[f"streams_{name}"]:
                 figures = f"{row['stalls']} ({row['streams_stalled']}), {row['first_audio_p95_ms'] or 0:.0f} ms, {row['server_cpu_per_audio_s'] or 0:.3f}"
+                figures += f" ({row['loop_cpu_per_audio_s'] or 0:.3f})"
                 figures += f", errors {len(row['errors'])}" if row["errors"] else ""
-                rows.append((f"{row['streams']:>2} streams, {name}: stalls (streams), p95 first audio, CPU/s", figures, "0 stalls, p95 <= 400 ms"))
+                rows.append((f"{row['streams']:>2} streams, {name}: stalls (streams), p95 first audio, CPU/s (event loop)", figures, "0 stalls, p95 <= 400 ms"))
             targets[f"streams_{name}"] = held[name] >= STREAMS_TARGET
         rows.append(("streams held (tokens / paragraphs)", f"{held['tokens']} / {held['paragraphs']}", f">= {STREAMS_TARGET}"))
     if server := result.get("server"):
