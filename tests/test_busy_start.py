@@ -4,42 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
 from voxflow.config import EngineConfig
 from voxflow.streaming.decoder_blocks import BlockOptions
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.events import AudioFrame
-from voxflow.streaming.stream import FIRST_SAY_IDS, SynthesisStream
+from voxflow.streaming.stream import FIRST_SAY_IDS
 from voxflow.streaming.tokens import gpt_like_tokens
 
 REPLY = "Sure, I can help with that right away for you today."
 
 
-async def first_say(
-    engine, busy: bool, others: int | None = None, whole: str | None = None, queued_in_step: int = 0
-) -> tuple[str, bool, int]:
+async def first_say(engine, busy: bool, others: int | None = None, whole: str | None = None) -> tuple[str, bool, int]:
     """The text of the stream's first say, whether its first block was the small one, and the
     ids it settled. `others` jobs of other work hold compute threads meanwhile (default: none
-    when idle, every thread and one more job when busy); `queued_in_step` short jobs are queued
-    as each step begins, due later than it, as other streams' jobs keep coming. REPLY comes token
-    by token, or `whole` in one piece."""
+    when idle, every thread and one more job when busy). REPLY comes token by token, or `whole`
+    in one piece."""
     release = threading.Event()
     others = (engine._executor.workers + 1 if busy else 0) if others is None else others
     blockers = [engine._executor.submit(release.wait, 30) for _ in range(others)]
     stream = engine.open_stream(cached=False)
     says: list[tuple[str, bool, int]] = []
-    after_step, plan_step = stream._after_step, stream._plan_step
-
-    def spy_plan_step(text, how):
-        if not says:
-            due = time.perf_counter() + 3600
-            blockers.extend(engine._executor.submit_by(due, time.sleep, 0) for _ in range(queued_in_step))
-        return plan_step(text, how)
+    after_step = stream._after_step
 
     def spy_after_step(planned, latents):
         result = after_step(planned, latents)
@@ -48,7 +36,7 @@ async def first_say(
             says.append((planned.text, first.blocks[0][1] - first.blocks[0][0] == stream.options.blocks.first_block_frames, len(first.durations)))
         return result
 
-    stream._after_step, stream._plan_step = spy_after_step, spy_plan_step
+    stream._after_step = spy_after_step
     try:
         if whole:
             await stream.push(whole)  # and the end at once, as a transport sends text whole
@@ -79,58 +67,28 @@ async def test_a_busy_engine_waits_for_more_words_and_a_larger_first_block(engin
     assert len(text.split()) >= 6
 
 
-@pytest.fixture(scope="module")
-def two_threads() -> Iterator[Engine]:
-    """Two single-threaded compute workers, as `voxflow serve` runs on two cores."""
+async def test_with_other_work_queued_a_first_say_leaves_the_listener_enough_audio() -> None:
+    """One other job on one of two threads: not a busy start, but "Sure," alone is not said,
+    nor in a small first block."""
     engine = Engine(EngineConfig(workers=2, threads=1))
     try:
-        engine.voice()  # loaded first: a load still running when the text has all come would hold the say back
-        yield engine
+        await engine.warm_up()  # loaded first: a load still running when the text has all come would hold the say back
+        text, small_first_block, ids = await first_say(engine, busy=False, others=1)
     finally:
         engine.close()
-
-
-async def test_with_more_jobs_than_threads_a_first_say_leaves_the_listener_enough_audio(two_threads) -> None:
-    """One job of other work on one of two threads and another queued as the say's step runs on
-    the other: not a busy start when the text comes, but the next say would wait, so "Sure,"
-    alone is not said, nor in a small first block."""
-    text, small_first_block, ids = await first_say(two_threads, busy=False, others=1, queued_in_step=1)
     assert not small_first_block
     assert ids >= FIRST_SAY_IDS
     assert len(text.split()) > 4
 
 
-async def test_with_a_thread_free_a_first_say_starts_small(two_threads) -> None:
-    """One other job on one of two threads: the say's jobs have the other thread at once."""
-    text, small_first_block, ids = await first_say(two_threads, busy=False, others=1)
-    assert small_first_block
-    assert ids < FIRST_SAY_IDS
-    assert len(text.split()) <= 4
-
-
-def open_others(engine: Engine, n: int) -> list[SynthesisStream]:
-    return [engine.open_stream(cached=False) for _ in range(n)]  # open, between utterances: no job queued
-
-
-async def test_with_more_live_streams_than_threads_a_first_say_leaves_the_listener_enough_audio(two_threads) -> None:
-    others = open_others(two_threads, 2)
+async def test_beside_another_live_stream_a_first_say_leaves_the_listener_enough_audio(engine) -> None:
+    other = engine.open_stream(cached=False)  # open, between utterances: no job queued
     try:
-        _, small_first_block, ids = await first_say(two_threads, busy=False)
+        _, small_first_block, ids = await first_say(engine, busy=False)
     finally:
-        for other in others:
-            await other.aclose()
+        await other.aclose()
     assert ids >= FIRST_SAY_IDS and not small_first_block
-    assert not set(others) & two_threads._live  # an ended stream no longer counts
-
-
-async def test_with_a_thread_for_each_live_stream_a_first_say_starts_small(two_threads) -> None:
-    others = open_others(two_threads, 1)
-    try:
-        _, small_first_block, ids = await first_say(two_threads, busy=False)
-    finally:
-        for other in others:
-            await other.aclose()
-    assert ids < FIRST_SAY_IDS and small_first_block
+    assert other not in engine._live  # an ended stream no longer counts
 
 
 async def test_a_long_text_sent_whole_settles_more_in_its_first_say_even_alone(engine):
@@ -173,13 +131,12 @@ async def render_whole(engine: Engine, busy: bool) -> tuple[np.ndarray, int]:
             blocker.result(timeout=30)
 
 
-async def beside_other_streams(engine: Engine) -> tuple[np.ndarray, int]:
-    others = open_others(engine, engine._executor.workers)  # more live streams than threads: a shared start
+async def beside_another_stream(engine: Engine) -> tuple[np.ndarray, int]:
+    other = engine.open_stream(cached=False)  # another live stream: a shared start
     try:
         return await render_whole(engine, busy=False)
     finally:
-        for other in others:
-            await other.aclose()
+        await other.aclose()
 
 
 async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
@@ -189,7 +146,7 @@ async def test_text_sent_in_one_piece_is_said_the_same_on_a_busy_engine(engine):
     idle, small = await render_whole(engine, busy=False)
     assert len(idle) and small == BlockOptions().first_block_frames
     busy, _ = await render_whole(engine, busy=True)
-    beside, larger = await beside_other_streams(engine)
+    beside, larger = await beside_another_stream(engine)
     assert larger > small
     for audio in (busy, beside):
         assert len(audio) == len(idle)  # the same cuts and durations
@@ -201,7 +158,7 @@ async def test_with_max_batch_one_the_bytes_do_not_follow_the_load() -> None:
     try:
         await engine.warm_up()
         idle, small = await render_whole(engine, busy=False)
-        for audio, first_block in (await render_whole(engine, busy=True), await beside_other_streams(engine)):
+        for audio, first_block in (await render_whole(engine, busy=True), await beside_another_stream(engine)):
             assert first_block == small
             assert np.array_equal(audio, idle)
     finally:

@@ -136,11 +136,9 @@ class _End:
 # while its sentence goes on and other streams share the compute threads. Fewer ("Your" of
 # "Your order shipped", before the lookahead) left the listener so little audio that the next
 # say, queued behind other streams' jobs, came too late: in the soak (benchmarks/soak.py) every
-# underrun left fell in the first 0.25 s of a reply. Alone on the threads, or with a thread for
-# each stream, the next say runs at once, so a short first say stays there and keeps first
-# audio early: applied to every first say, it took the fidelity benchmark's first audio at 20
-# tokens/s from p50 193 to 291 ms, and with two token streams on two threads p95 first audio
-# from ~400 to ~250 ms (docs/BENCHMARKS.md, "Throughput", round 12).
+# underrun left fell in the first 0.25 s of a reply. Alone on the threads the next say runs at
+# once, so a short first say stays there and keeps first audio early: applied to every first
+# say, it took the fidelity benchmark's first audio at 20 tokens/s from p50 193 to 291 ms.
 FIRST_SAY_IDS = 16
 
 # Says of several streams queued together take their acoustic step in one batch when their
@@ -598,10 +596,10 @@ class SynthesisStream:
         returned, to be phonemized again with what follows it.
         """
         shared = self._shared_start()
-        # Sharing the threads with other streams, an utterance's first say must leave the
-        # listener enough audio to cover the wait for the next job behind their work. Its first
-        # block is the larger one whatever the text: block sizes change the audio only by
-        # rounding (each block is decoded with its full context). Text that trickles in also settles at least FIRST_SAY_IDS
+        # Beside other streams an utterance's first say must leave the listener enough audio to
+        # cover the wait for the next job behind their work. Its first block is the larger one
+        # whatever the text: block sizes change the audio only by rounding (each block is decoded
+        # with its full context). Text that trickles in also settles at least FIRST_SAY_IDS
         # first, and a long text sent in one piece always does (_take).
         first_say = not self._spoke_in_utterance
         settle_more = first_say and (shared if self._trickling else self._long_whole_text)
@@ -655,13 +653,17 @@ class SynthesisStream:
         return None if size is None else (self.voice.model, size)
 
     def _shared_start(self) -> bool:
-        """Whether this say is the first of an utterance while the compute threads are shared:
-        more live streams, or more jobs queued or running (this one counts itself), than there
-        are threads. With a thread for each stream the next say runs at once, as alone."""
+        """Whether this say is the first of an utterance while other streams are live or their
+        jobs are queued (this job counts itself).
+
+        Any other stream counts, even with a thread free for each: counting only streams beyond
+        the thread count cut two token streams' p95 first audio from ~400 to ~250 ms, but in
+        the 8-stream soak, where a reply often starts beside one or two live streams and more
+        start a moment later, it left 8 and 32 underruns against 2 and 5 (docs/BENCHMARKS.md,
+        "Throughput", round 12)."""
         if self._spoke_in_utterance:
             return False
-        workers = self._executor.workers
-        return len(self._live) > workers or self._executor.backlog() > workers
+        return len(self._live) > 1 or self._executor.backlog() > 1
 
     def _settle_seconds(self) -> float:
         busy_first_say = self._busy_start and not self._spoke_in_utterance
