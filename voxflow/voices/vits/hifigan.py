@@ -83,7 +83,7 @@ class GeneratorConfig:
         a transposed convolution spreads each input frame over kernel samples at its output
         rate, its own stride of them plus (kernel - stride) / 2 on each side; a stage's parallel
         resblocks are averaged, so the widest one counts. Block decoding with this much context
-        on both sides reproduces a whole decode; the bound is tight to a few output samples
+        on both sides reproduces a whole decode; rounded up, the bound is tight to within one frame
         (tests/test_decoding.py perturbs one frame and finds where the output changes).
         """
         reach = 3.0  # conv_pre, kernel 7, at the latent rate
