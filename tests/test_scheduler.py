@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Callable
 
 import pytest
+import torch
 
-from voxflow.streaming.scheduler import DeadlineExecutor, Failed
+from voxflow.config import EngineConfig
+from voxflow.streaming.engine import Engine
+from voxflow.streaming.scheduler import DeadlineExecutor, Failed, Widening
 
 
 def blocked_executor() -> tuple[DeadlineExecutor, threading.Event]:
@@ -182,3 +186,129 @@ def test_a_cancelled_item_is_left_out_of_its_batch_and_running_items_count_as_ba
     assert [futures[0].result(timeout=10), futures[2].result(timeout=10)] == ["a", "c"]
     assert calls == [["a", "c"]]
     executor.shutdown()
+
+
+class ThreadLog:
+    """A Widening's set_threads that records (worker name, threads) and each job's thread count."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.current: dict[str, int] = {}
+
+    def __call__(self, n: int) -> None:
+        name = threading.current_thread().name
+        self.calls.append((name, n))
+        self.current[name] = n
+
+    def job(self, tag: str, hold: threading.Event | None = None, started: threading.Event | None = None) -> tuple[str, str, int]:
+        name = threading.current_thread().name
+        if started is not None:
+            started.set()
+        if hold is not None:
+            assert hold.wait(10)
+        return tag, name, self.current.get(name, 1)
+
+
+def widening_executor(log: ThreadLog, workers: int = 2, allowed: Callable[[], bool] = lambda: True) -> DeadlineExecutor:
+    widening = Widening(log, 1, workers, allowed=allowed)
+    return DeadlineExecutor(workers, thread_name_prefix="w", initializer=log, initargs=(1,), widening=widening)
+
+
+def test_a_lone_job_runs_on_every_workers_threads_on_the_first_worker():
+    log = ThreadLog()
+    executor = widening_executor(log)
+    try:
+        for _ in range(5):  # whichever worker wakes first, the lone job is the first worker's
+            assert executor.submit_by(None, log.job, "lone", widens=True).result(timeout=10) == ("lone", "w-0", 2)
+        assert log.current == {"w-0": 1, "w-1": 1}  # narrow again after each
+    finally:
+        executor.shutdown()
+
+
+def test_while_a_wide_job_runs_the_other_worker_waits_for_it():
+    log = ThreadLog()
+    executor = widening_executor(log)
+    hold, started = threading.Event(), threading.Event()
+    try:
+        wide = executor.submit_by(None, log.job, "wide", hold, started, widens=True)
+        assert started.wait(10)
+        later = executor.submit_by(None, log.job, "later", widens=True)
+        time.sleep(0.2)
+        assert not later.done()  # a free worker, but the cores are the wide job's
+        hold.set()
+        assert wide.result(timeout=10) == ("wide", "w-0", 2)
+        tag, _, threads = later.result(timeout=10)
+        assert (tag, threads) == ("later", 2)  # alone again by then: it widens in turn
+    finally:
+        hold.set()
+        executor.shutdown()
+
+
+def test_jobs_queued_together_run_side_by_side_on_their_own_threads():
+    log = ThreadLog()
+    executor = widening_executor(log)
+    hold, first_started = threading.Event(), threading.Event()
+    gate = threading.Event()
+    started = [threading.Event(), threading.Event()]
+    try:
+        first = executor.submit_by(None, log.job, "first", hold, first_started, widens=True)
+        assert first_started.wait(10)
+        # Queued together behind the wide job: each then has company, so both stay narrow.
+        pair = [executor.submit_by(None, log.job, tag, gate, event, widens=True) for tag, event in zip(("a", "b"), started)]
+        hold.set()
+        assert all(event.wait(10) for event in started)  # both running at once
+        gate.set()
+        assert first.result(timeout=10) == ("first", "w-0", 2)
+        results = [future.result(timeout=10) for future in pair]
+        assert {name for _, name, _ in results} == {"w-0", "w-1"}
+        assert [threads for *_, threads in results] == [1, 1]
+    finally:
+        hold.set()
+        gate.set()
+        executor.shutdown()
+
+
+def test_threads_never_change_without_widening_with_one_worker_or_while_it_is_not_allowed():
+    log = ThreadLog()
+    allowed = threading.Event()
+    executors = [
+        DeadlineExecutor(2, thread_name_prefix="w", initializer=log, initargs=(1,)),
+        widening_executor(log, workers=1),
+        widening_executor(log, allowed=allowed.is_set),
+    ]
+    try:
+        for executor in executors:
+            for _ in range(3):
+                assert executor.submit_by(None, log.job, "lone", widens=True).result(timeout=10)[2] == 1
+        assert {n for _, n in log.calls} == {1}
+        allowed.set()  # asked at each job
+        assert executors[2].submit_by(None, log.job, "lone", widens=True).result(timeout=10)[2] == 2
+    finally:
+        for executor in executors:
+            executor.shutdown()
+
+
+async def test_an_engine_widens_a_lone_streams_jobs_only():
+    """Only the streams' own jobs (steps, blocks) widen: not beside another stream, not with
+    max_batch 1, and never a job such as a voice load."""
+    wide = Engine(EngineConfig(workers=2, threads=1), concurrent=True)
+    exact = Engine(EngineConfig(workers=2, threads=1, max_batch=1), concurrent=True)
+
+    async def threads(engine: Engine, widens: bool = True) -> int:
+        return await asyncio.wrap_future(engine._executor.submit_by(None, torch.get_num_threads, widens=widens))
+
+    try:
+        assert await threads(wide) == 2
+        assert await threads(wide, widens=False) == 1
+        assert await wide.run(torch.get_num_threads) == 1
+        assert await threads(exact) == 1
+        streams = [wide.open_stream(cached=False) for _ in range(2)]
+        for stream in streams:
+            await stream.voice_loaded()
+        assert await threads(wide) == 1
+        await streams[0].aclose()
+        assert await threads(wide) == 2  # one stream live: its jobs may widen
+        await streams[1].aclose()
+    finally:
+        wide.close()
+        exact.close()

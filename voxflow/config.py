@@ -42,9 +42,10 @@ class EngineConfig:
     seed: int = 0  # default noise seed per stream: the same text and seed give the same audio
     # Acoustic steps of different streams queued at once that run as one batch (streams that
     # start together: ~1.8x less compute for their first steps). A batched step's audio equals
-    # the step alone up to float rounding, not bit for bit; 1 runs every step alone and sizes a
-    # reply's first decoder block by its text alone, which keeps a seeded reply's audio
-    # bit-identical however busy the machine is.
+    # the step alone up to float rounding, not bit for bit; 1 runs every step alone, sizes a
+    # reply's first decoder block by its text alone and keeps a lone stream's jobs on their
+    # worker's threads (scheduler.Widening), which keeps a seeded reply's audio bit-identical
+    # however busy the machine is.
     max_batch: int = 8
     max_text_chars: int = 100_000  # text one stream may receive
     # Voices loaded at once (docs/voices.md): past either bound the least recently used voice

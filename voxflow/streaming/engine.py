@@ -24,7 +24,7 @@ from .alignment import word_timestamps
 from .audio_cache import AudioCache
 from .chunker import ChunkerOptions, TextChunker
 from .decoder_blocks import BlockDecoder, BlockOptions
-from .scheduler import DeadlineExecutor
+from .scheduler import DeadlineExecutor, Widening
 from .events import WordTimestamp
 from .stream import StreamOptions, SynthesisStream
 
@@ -73,15 +73,27 @@ class Engine:
         if config.max_batch < 1:
             raise InvalidRequest(f"max_batch must be at least 1, got {config.max_batch}")
         workers, threads = config.layout(concurrent)
+        self._live: set[SynthesisStream] = set()  # streams whose task has not ended
+        # A lone stream's jobs take every core when the others are idle. With more streams live
+        # they stay narrow: jobs come and go, and a wide one held the other workers idle while
+        # new jobs waited (the 8-stream soak underran more: docs/BENCHMARKS.md, "Throughput",
+        # round 14). A job on every core rounds differently from the same job on one worker's
+        # threads, so max_batch 1, which promises the same bytes however busy the machine is,
+        # keeps every job narrow.
+        widening = (
+            Widening(torch.set_num_threads, threads, workers * threads, allowed=lambda: len(self._live) <= 1)
+            if config.max_batch > 1
+            else None
+        )
         self._executor = DeadlineExecutor(
             workers,
             thread_name_prefix="voxflow-synth",
             initializer=torch.set_num_threads,
             initargs=(threads,),
             max_batch=config.max_batch,
+            widening=widening,
         )
         self._ids = itertools.count()
-        self._live: set[SynthesisStream] = set()  # streams whose task has not ended
 
     def voice(self, name: str | None = None) -> Voice:
         """The named (or default) voice, loaded on a compute thread if it is not (blocking: for

@@ -567,7 +567,7 @@ class SynthesisStream:
         self._fresh = False
         if text:
             started = time.perf_counter()
-            job = self._executor.submit_batch_by(self._deadline(), self._batch_key(text), _prepare_together, (self, text, how))
+            job = self._executor.submit_batch_by(self._deadline(), self._batch_key(text), _prepare_together, (self, text, how), widens=True)
             (prepared, unsettled), seconds = await self._result(job)
             self.metrics.acoustic_seconds.append(seconds)
             if unsettled:
@@ -701,7 +701,7 @@ class SynthesisStream:
         them among the other streams' jobs."""
         due, jobs = self._deadline(), []
         for window in windows:
-            jobs.append(self._executor.submit_by(due, _timed, self._decoder.render, window))
+            jobs.append(self._executor.submit_by(due, _timed, self._decoder.render, window, widens=True))
             due += window.frames * self._seconds_per_frame
         return jobs
 
