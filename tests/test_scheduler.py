@@ -210,7 +210,7 @@ class ThreadLog:
 
 
 def widening_executor(log: ThreadLog, workers: int = 2, allowed: Callable[[], bool] = lambda: True) -> DeadlineExecutor:
-    widening = Widening(log, 1, workers, allowed=allowed)
+    widening = Widening(log, 1, workers, allowed)
     return DeadlineExecutor(workers, thread_name_prefix="w", initializer=log, initargs=(1,), widening=widening)
 
 
@@ -295,6 +295,10 @@ async def test_an_engine_widens_a_lone_streams_jobs_only():
     exact = Engine(EngineConfig(workers=2, threads=1, max_batch=1), concurrent=True)
 
     async def threads(engine: Engine, widens: bool = True) -> int:
+        # A worker counts as running until it is back at the queue, a moment after its last
+        # result is out: a job taken before then has company and stays narrow.
+        while engine._executor.backlog():
+            await asyncio.sleep(0.005)
         return await asyncio.wrap_future(engine._executor.submit_by(None, torch.get_num_threads, widens=widens))
 
     try:

@@ -81,7 +81,7 @@ class Engine:
         # threads, so max_batch 1, which promises the same bytes however busy the machine is,
         # keeps every job narrow.
         widening = (
-            Widening(torch.set_num_threads, threads, workers * threads, allowed=lambda: len(self._live) <= 1)
+            Widening(torch.set_num_threads, threads, workers * threads, lambda: len(self._live) <= 1)
             if config.max_batch > 1
             else None
         )

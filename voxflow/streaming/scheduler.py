@@ -45,10 +45,6 @@ class Failed:
     error: BaseException
 
 
-def _always() -> bool:
-    return True
-
-
 @dataclass(frozen=True)
 class Widening:
     """How a worker's job takes every worker's threads: `set_threads(n)`, called on the worker's
@@ -59,7 +55,7 @@ class Widening:
     set_threads: Callable[[int], object]
     narrow: int  # each worker's threads
     wide: int  # a job's threads when it has the machine to itself
-    allowed: Callable[[], bool] = _always
+    allowed: Callable[[], bool]
 
 
 @dataclass(frozen=True)
