@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cluster_harness import Cluster, Replica
 from voxflow.client import AsyncVoxflowClient, Audio, Done, Error, Ready
+from waiting import until
 
 SENTENCE = "The lights in the kitchen are off now."
 SEED = 7  # the same sentence and seed give the same speech on every replica
@@ -76,7 +77,7 @@ async def speaking(url: str, keys: list[str]):
     stop = asyncio.Event()
     loops = [asyncio.create_task(s.run(stop)) for s in speakers]
     try:
-        await until(lambda: all(s.spoken for s in speakers) or any(t.done() for t in loops))
+        await until(lambda: all(s.spoken for s in speakers) or any(t.done() for t in loops), TIMEOUT)
         yield speakers
     finally:
         stop.set()
@@ -84,12 +85,6 @@ async def speaking(url: str, keys: list[str]):
             await asyncio.gather(*loops)
         for speaker in speakers:
             await speaker.client.aclose()
-
-
-async def until(condition, timeout: float = TIMEOUT, poll: float = 0.01) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(poll)
 
 
 @dataclass
@@ -112,7 +107,7 @@ async def rolling_restart(cluster: Cluster, speakers: list[Speaker]) -> list[Res
         await asyncio.to_thread(cluster.restart, replica)
         results.append(RestartResult(replica.name, status, exited - sent, loop.time() - exited))
         counts = [len(s.spoken) for s in speakers]
-        await until(lambda: all(len(s.spoken) > n for s, n in zip(speakers, counts)))
+        await until(lambda: all(len(s.spoken) > n for s, n in zip(speakers, counts)), TIMEOUT)
     return results
 
 
@@ -152,7 +147,7 @@ async def crash(cluster: Cluster, speakers: list[Speaker], victim: Replica) -> C
                 spoke[i] = now - killed
         return len(spoke) >= on_replica
 
-    await until(moved_and_spoke)
+    await until(moved_and_spoke, TIMEOUT)
     await asyncio.to_thread(cluster.restart, victim)
     moved = sorted(reconnected)
     return CrashResult(victim.name, on_replica, moved, [reconnected[i] for i in moved], [spoke[i] for i in moved if i in spoke])

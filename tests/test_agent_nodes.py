@@ -35,6 +35,7 @@ from voxflow.agent.turns import TurnOptions, TurnTracker
 from voxflow.agent.vad import VoiceActivity
 from voxflow.streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from voxflow.voices.styles import resolve_style
+import waiting
 
 LIGHTS = "please turn on the kitchen lights"
 MOTHER = "Sure, I will call your mother on the phone."
@@ -73,9 +74,7 @@ class Harness:
         return [e for e in self.events if isinstance(e, kind)]
 
     async def until(self, predicate, timeout: float = 20.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.005)
+        await waiting.until(predicate, timeout)
 
     async def aclose(self) -> None:
         await self.graph.aclose()

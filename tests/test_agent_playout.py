@@ -16,9 +16,11 @@ import pytest
 from voxflow.agent.graph import Clock
 from voxflow.agent.playout import Playout, ReplyDone
 from voxflow.streaming.events import AudioFrame
+from waiting import until
 
 FRAME = 0.02
 RATE = 16_000
+WAIT = 10.0  # seconds; bounds a hang only
 
 
 def frame(context_id: str, seq: int) -> AudioFrame:
@@ -86,12 +88,6 @@ async def rig():
     await asyncio.gather(*made, return_exceptions=True)
 
 
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 async def test_frames_go_out_one_per_frame_on_the_grid(rig) -> None:
     recorder, build, _ = rig
     playout = build()
@@ -100,7 +96,7 @@ async def test_frames_go_out_one_per_frame_on_the_grid(rig) -> None:
     for seq in range(10):
         await playout.put(frame("reply-1", seq))
     await playout.put(ReplyDone("reply-1"))
-    await wait_until(lambda: recorder.of("done"))
+    await until(lambda: recorder.of("done"), WAIT)
     dues = recorder.dues()
     assert [f.seq for f, _, _ in recorder.played] == list(range(10))
     assert dues[0] >= put_at - 1e-9 and dues[0] < put_at + FRAME + 1e-9  # the next tick
@@ -120,7 +116,7 @@ async def test_lead_hands_frames_out_early_by_lead(rig) -> None:
     put_at = recorder.clock.now()
     for seq in range(5):
         await playout.put(frame("reply-1", seq))
-    await wait_until(lambda: len(recorder.played) == 5)
+    await until(lambda: len(recorder.played) == 5, WAIT)
     dues = recorder.dues()
     assert dues[0] >= put_at + lead - 1e-9 and on_grid(dues[0])
     assert [round(b - a, 9) for a, b in zip(dues, dues[1:])] == [FRAME] * 4
@@ -139,7 +135,7 @@ async def test_on_start_once_per_reply_and_on_done_after_its_frames(rig) -> None
             await playout.put(frame(context, seq))
         await playout.put(ReplyDone(context))
     await playout.put(ReplyDone("reply-3"))  # a reply with no audio at all
-    await wait_until(lambda: len(recorder.of("done")) == 3)
+    await until(lambda: len(recorder.of("done")) == 3, WAIT)
     first1, first2 = recorder.dues("reply-1")[0], recorder.dues("reply-2")[0]
     assert recorder.of("start") == [("start", "reply-1", first1), ("start", "reply-2", first2)]
     # Back to back, the second reply continues the grid without a gap.
@@ -159,7 +155,7 @@ async def test_clear_drops_the_queue_at_once(rig) -> None:
     for seq in range(50):
         await playout.put(frame("reply-1", seq))
     await playout.put(ReplyDone("reply-1"))
-    await wait_until(lambda: len(recorder.played) >= 3)
+    await until(lambda: len(recorder.played) >= 3, WAIT)
     handed = len(recorder.played)
     stops_at = playout.clear("reply-1")
     now = recorder.clock.now()
@@ -176,7 +172,7 @@ async def test_clear_drops_the_queue_at_once(rig) -> None:
     # The playout goes on with the next reply, on a fresh tick.
     resumed_at = recorder.clock.now()
     await playout.put(frame("reply-2", 0))
-    await wait_until(lambda: recorder.dues("reply-2"))
+    await until(lambda: recorder.dues("reply-2"), WAIT)
     assert on_grid(recorder.dues("reply-2")[0]) and recorder.dues("reply-2")[0] >= resumed_at - 1e-9
 
 
@@ -186,7 +182,7 @@ async def test_clear_returns_the_end_of_the_audio_handed_out(rig) -> None:
     playout = build(lead=lead)  # with lead, the sink holds audio that is not yet heard
     for seq in range(100):
         await playout.put(frame("reply-1", seq))
-    await wait_until(lambda: len(recorder.played) >= 10)
+    await until(lambda: len(recorder.played) >= 10, WAIT)
     stops_at = playout.clear("reply-1")
     now = recorder.clock.now()
     last_due = recorder.dues()[-1]
@@ -202,7 +198,7 @@ async def test_heard_seconds_counts_what_was_handed_and_due(rig) -> None:
     for seq in range(10):
         await playout.put(frame("reply-1", seq))
     await playout.put(ReplyDone("reply-1"))
-    await wait_until(lambda: recorder.of("done"))
+    await until(lambda: recorder.of("done"), WAIT)
     # At the moment frame k is handed out (when due, lead 0), k frames have been heard.
     for k, heard in enumerate(recorder.heard_at_play):
         assert k * FRAME - 0.003 <= heard <= (k + 1) * FRAME + 1e-9, (k, heard)
@@ -223,10 +219,10 @@ async def test_idle_follows_queue_and_audio(rig) -> None:
     assert not playout.idle  # queued
     task = asyncio.get_running_loop().create_task(playout.run())
     try:
-        await wait_until(lambda: len(recorder.played) == 2)
+        await until(lambda: len(recorder.played) == 2, WAIT)
         assert recorder.idle_at_play == [False, False]  # a frame being handed out is not yet heard
         due = recorder.dues()[-1]
-        await wait_until(lambda: playout.idle)
+        await until(lambda: playout.idle, WAIT)
         assert recorder.clock.now() >= due + FRAME  # idle once the last one has been heard
     finally:
         task.cancel()
@@ -244,7 +240,7 @@ async def test_put_waits_at_capacity(rig) -> None:
     assert not blocked.done()  # synthesis is held back to real time
     made.append(asyncio.get_running_loop().create_task(playout.run()))
     await asyncio.wait_for(blocked, 5)
-    await wait_until(lambda: recorder.of("done"))
+    await until(lambda: recorder.of("done"), WAIT)
     assert [f.seq for f, _, _ in recorder.played] == list(range(5))
 
 
@@ -253,14 +249,14 @@ async def test_after_a_gap_the_next_frame_starts_on_a_fresh_tick(rig) -> None:
     playout = build()
     for seq in range(3):
         await playout.put(frame("reply-1", seq))
-    await wait_until(lambda: len(recorder.played) == 3)
+    await until(lambda: len(recorder.played) == 3, WAIT)
     await asyncio.sleep(0.1)  # the queue ran dry
     end_of_first = playout.last_due_end
     resumed_at = recorder.clock.now()
     assert resumed_at > end_of_first
     for seq in range(3, 6):
         await playout.put(frame("reply-1", seq))
-    await wait_until(lambda: len(recorder.played) == 6)
+    await until(lambda: len(recorder.played) == 6, WAIT)
     dues = recorder.dues()
     # Not the old grid position (which is in the past), but the first tick from now on...
     assert dues[3] >= resumed_at - 1e-9 and dues[3] < resumed_at + FRAME + 1e-9

@@ -18,10 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_harness import Cluster, running_cluster
-from cluster_scenarios import Speaker, crash, drained_cleanly, rolling_restart, speaking, until
+from cluster_scenarios import TIMEOUT, Speaker, crash, drained_cleanly, rolling_restart, speaking
 from test_mqtt_bridge import _client
 from test_mqtt_scale_out import Listener, _answered_once, _say
 from voxflow.client import AsyncVoxflowClient
+from waiting import until
 
 KEYS = [f"cluster-key-{n}" for n in range(48)]  # a key per client: no client shares another's limits
 
@@ -52,7 +53,7 @@ async def test_least_connections_fills_the_emptiest_replica_first(cluster: Clust
     # speaking at once end 11/11/10 (round robin would have made it 8/12/12).
     for client in placed.pop("replica1"):
         await client.aclose()
-    await until(lambda: cluster.connections()["replica1"] == 0, poll=0.1)
+    await until(lambda: cluster.connections()["replica1"] == 0, TIMEOUT, poll=0.1)
     speakers = [Speaker(AsyncVoxflowClient(cluster.ws_url, api_key=key)) for key in KEYS[12:36]]
     try:
         async with asyncio.timeout(180):
@@ -91,7 +92,7 @@ async def test_a_crashed_replica_loses_only_its_own_clients_who_come_back(cluste
     async with speaking(cluster.ws_url, KEYS[:6]) as speakers:
         before = [s.client.ready for s in speakers]
         result = await crash(cluster, speakers, cluster.replica("replica2"))
-        await until(lambda: all(len(s.spoken) >= 3 for s in speakers))
+        await until(lambda: all(len(s.spoken) >= 3 for s in speakers), TIMEOUT)
     moved = [i for i, s in enumerate(speakers) if s.connections[-1] is not before[i]]
     assert result.on_replica >= 1 and moved == result.moved and len(moved) == result.on_replica
     assert len(result.spoke_again_s) == len(moved)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 
 import pytest
 from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError
@@ -20,6 +20,7 @@ from voxflow.errors import VoxflowError
 from voxflow.integrations.livekit import TTS
 from voxflow.streaming.tokens import gpt_like_tokens
 from voxflow.transports.protocols.native_protocol import Cancelled, Done, Metrics, Ready, Start, Text, Word
+from waiting import until
 
 RATE = 24000
 FRAME_SECONDS = 0.02
@@ -28,12 +29,6 @@ FRAME_SECONDS = 0.02
 async def collect(stream: AsyncIterable[SynthesizedAudio]) -> list[SynthesizedAudio]:
     async with asyncio.timeout(TIMEOUT):
         return [event async for event in stream]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(TIMEOUT):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 def opened(wire: Wire) -> list[Start]:
@@ -76,7 +71,7 @@ async def test_a_stream_speaks_tokens_with_aligned_words(server: RunningServer) 
     with tap_wire() as wire:
         tts = TTS(url=stream_url(server))
         tts.prewarm()
-        await until(lambda: sockets(wire) == 1)
+        await until(lambda: sockets(wire) == 1, TIMEOUT)
         async with tts.stream() as stream:
             for token in gpt_like_tokens(SENTENCE):
                 stream.push_text(token)
@@ -116,7 +111,7 @@ async def test_two_streams_share_one_socket_and_stay_apart(server: RunningServer
     with tap_wire() as wire:
         tts = TTS(url=stream_url(server))
         first = asyncio.create_task(speak(texts[0]))
-        await until(lambda: len(opened(wire)) == 1)
+        await until(lambda: len(opened(wire)) == 1, TIMEOUT)
         tts.update_options(style="calm", speed=1.2)
         results = await asyncio.gather(first, speak(texts[1]))
         await tts.aclose()
@@ -136,12 +131,12 @@ async def test_closing_a_stream_cancels_its_context_at_once(server: RunningServe
         heard = [await asyncio.wait_for(anext(stream), TIMEOUT)]
         await stream.aclose()
         [start] = opened(wire)
-        await until(lambda: any(isinstance(m, Cancelled) for m in wire.of(start.context)))
+        await until(lambda: any(isinstance(m, Cancelled) for m in wire.of(start.context)), TIMEOUT)
         assert sorted(voxflow_tasks()) == ["voxflow-client-reader", "voxflow-client-writer"]  # the socket's own
         await tts.aclose()
     assert not any(isinstance(m, Done) for m in wire.of(start.context))
     assert heard[0].frame.duration < 1
-    await until(lambda: not voxflow_tasks())
+    await until(lambda: not voxflow_tasks(), TIMEOUT)
 
 
 async def test_server_errors_are_livekit_errors(server: RunningServer) -> None:

@@ -49,6 +49,7 @@ from voxflow.transports.protocols.native_protocol import (
     Text,
     Word,
 )
+from waiting import until
 
 RATE = 24000
 FRAME_SECONDS = 0.02
@@ -119,12 +120,6 @@ def queue(*frames: Frame) -> Script:
         await run.worker.queue_frames(frames)
 
     return script
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(TIMEOUT):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 def opened(wire: Wire) -> list[Start]:
@@ -209,8 +204,8 @@ async def test_an_interruption_cancels_the_context_at_once(server: RunningServer
         await asyncio.wait_for(run.sink.audio_arrived.wait(), TIMEOUT)
         await run.worker.queue_frame(InterruptionFrame())
         context_id = opened(wire)[0].context
-        await until(lambda: any(isinstance(m, Cancelled) for m in wire.of(context_id)))
-        await until(lambda: not any(context_id in task.get_name() for task in asyncio.all_tasks()))
+        await until(lambda: any(isinstance(m, Cancelled) for m in wire.of(context_id)), TIMEOUT)
+        await until(lambda: not any(context_id in task.get_name() for task in asyncio.all_tasks()), TIMEOUT)
         await run.worker.queue_frame(TTSSpeakFrame("Hello there."))
 
     with tap_wire() as wire:
@@ -229,7 +224,7 @@ async def test_a_dropped_socket_ends_the_utterance_and_the_next_one_reconnects(s
         await run.worker.queue_frame(TTSSpeakFrame(LONG_TEXT))
         await asyncio.wait_for(run.sink.audio_arrived.wait(), TIMEOUT)
         await drop_connections(server)
-        await until(lambda: bool(run.errors))
+        await until(lambda: bool(run.errors), TIMEOUT)
         await run.worker.queue_frame(TTSSpeakFrame("We are back."))
 
     with tap_wire() as wire:
@@ -261,7 +256,7 @@ async def test_without_a_server_each_turn_fails_once_and_ends(monkeypatch: pytes
 
 async def test_no_task_outlives_the_pipeline(server: RunningServer) -> None:
     await run_pipeline(VoxflowTTSService(url=stream_url(server)), queue(TTSSpeakFrame("One more.")))
-    await until(lambda: not [t for t in asyncio.all_tasks() if "voxflow" in t.get_name().lower()])
+    await until(lambda: not [t for t in asyncio.all_tasks() if "voxflow" in t.get_name().lower()], TIMEOUT)
 
 
 async def test_a_bad_setting_makes_the_service_unusable_with_a_clear_error(server: RunningServer) -> None:

@@ -13,6 +13,7 @@ import torch
 from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 from voxflow.streaming.scheduler import DeadlineExecutor, Failed, Widening
+from waiting import until
 
 
 def blocked_executor() -> tuple[DeadlineExecutor, threading.Event]:
@@ -297,8 +298,7 @@ async def test_an_engine_widens_a_lone_streams_jobs_only():
     async def threads(engine: Engine, widens: bool = True) -> int:
         # A worker counts as running until it is back at the queue, a moment after its last
         # result is out: a job taken before then has company and stays narrow.
-        while engine._executor.backlog():
-            await asyncio.sleep(0.005)
+        await until(lambda: not engine._executor.backlog(), 10)
         return await asyncio.wrap_future(engine._executor.submit_by(None, torch.get_num_threads, widens=widens))
 
     try:

@@ -46,6 +46,7 @@ from voxflow.transports.webrtc.tracks import (
     PlayoutQueue,
     PlayoutTrack,
 )
+from waiting import until
 
 SENTENCE = "Hello there, this is a short test of the voice."
 PARAGRAPH = (
@@ -227,12 +228,6 @@ async def server_tasks(server: RunningServer) -> list[str]:
     return await on_server(server, names)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
-
-
 def is_end(context: str) -> Callable[[object], bool]:
     return lambda e: isinstance(e, (Done, Cancelled, Error)) and getattr(e, "context", None) == context
 
@@ -271,7 +266,7 @@ async def test_speech_flows_both_ways(rtc_server: RunningServer, speech_wav: Pat
         assert any(isinstance(e, Word) for e in events)
         assert isinstance(events[-2], Metrics) and events[-2].audio_seconds > 1
         assert isinstance(events[-1], Done)
-        await wait_until(lambda: peer.loud_frames() > 25, timeout=15)  # half a second of speech heard
+        await until(lambda: peer.loud_frames() > 25, 15, poll=0.05)  # half a second of speech heard
         assert {rate for _, rate, _ in peer.audio} == {48000}
 
         async def listen():
@@ -300,7 +295,7 @@ async def test_cancel_silences_the_track_at_once(rtc_server: RunningServer):
     try:
         peer.send(Text("long", " ".join([PARAGRAPH] * 3), end=True))
         assert isinstance(await peer.next(), Started)
-        await wait_until(lambda: peer.loud_frames() > 25, timeout=20)
+        await until(lambda: peer.loud_frames() > 25, 20, poll=0.05)
         cancelled_at = asyncio.get_running_loop().time()
         peer.send(Cancel("long"))
         events = await peer.until(is_end("long"))
@@ -329,7 +324,7 @@ async def test_bad_messages_get_errors_and_sessions_stay_independent(rtc_server:
             events = await peer.until(is_end(context))
             assert isinstance(events[-1], Done)
             assert not any(getattr(e, "context", None) not in (context,) for e in events)
-        await wait_until(lambda: first.loud_frames() > 25 and second.loud_frames() > 25, timeout=15)
+        await until(lambda: first.loud_frames() > 25 and second.loud_frames() > 25, 15, poll=0.05)
     finally:
         await first.close()
         await second.close()
@@ -369,10 +364,10 @@ async def test_delete_and_a_vanished_peer_both_end_their_session(rtc_server: Run
         response = await delete_session(rtc_server, deleted.session_id)
         assert response.status_code == 204
         assert len(registry(rtc_server)) == 1
-        await wait_until(lambda: deleted.channel.readyState == "closed", timeout=10)
+        await until(lambda: deleted.channel.readyState == "closed", 10, poll=0.05)
 
         await vanished.close()  # no DELETE: the server notices the peer leaving
-        await wait_until(lambda: len(registry(rtc_server)) == 0, timeout=15)
+        await until(lambda: len(registry(rtc_server)) == 0, 15, poll=0.05)
         await asyncio.sleep(0.5)
         assert await server_tasks(rtc_server) == []
         assert len(rtc_server.state.context_sets) == 0
@@ -415,7 +410,7 @@ async def test_a_quiet_session_times_out_but_a_talking_one_does_not(engine: Engi
                 peer.send(Ping(id=n))
                 assert await peer.next() == Pong(n)
             assert len(registry(server)) == 1
-            await wait_until(lambda: len(registry(server)) == 0, timeout=10)
-            await wait_until(lambda: peer.channel.readyState == "closed", timeout=10)
+            await until(lambda: len(registry(server)) == 0, 10, poll=0.05)
+            await until(lambda: peer.channel.readyState == "closed", 10, poll=0.05)
         finally:
             await peer.close()
