@@ -13,9 +13,10 @@ from aiortc.contrib.media import MediaPlayer
 from conversation_audio import compose, write_wav
 from server_harness import run_server
 from speech import transcribe, word_error_rate
-from test_webrtc_aiortc import connect, registry, server_tasks, wait_until
+from test_webrtc_aiortc import connect, registry, server_tasks
 from voxflow.agent.events import BotStarted, BotStopped, TranscriptEvent, TurnMetrics
 from voxflow.transports.protocols.native_protocol import AgentMessage, Error, Listen, Listening, StopListening
+from waiting import until
 
 REQUEST = "please turn on the kitchen lights"
 
@@ -77,7 +78,7 @@ async def test_the_microphone_is_heard_and_answered_on_the_track(talk_server, ca
     spoken = transcribe(answer, 48000)
     assert word_error_rate([heard.text], [spoken]) <= 0.5, spoken
 
-    await wait_until(lambda: len(registry(talk_server)) == 0, timeout=15)
+    await until(lambda: len(registry(talk_server)) == 0, 15, poll=0.05)
     await asyncio.sleep(0.5)
     assert await server_tasks(talk_server) == []
     assert not talk_server.state.conversations
