@@ -19,6 +19,7 @@ from voxflow.agent.agent import Agent
 from voxflow.agent.events import AgentEvent
 from voxflow.config import AgentConfig
 from voxflow.streaming.events import AudioFrame
+from waiting import until
 
 FEED_MS = 20
 
@@ -90,9 +91,7 @@ class AgentDriver:
         """Until nothing is pending: no turn open, no reply written or playing."""
         agent = self.agent
         assert agent is not None
-        async with asyncio.timeout(timeout):
-            while not (agent.quiet and agent.playout.idle and agent.events_waiting == 0):
-                await asyncio.sleep(0.02)
+        await until(lambda: agent.quiet and agent.playout.idle and agent.events_waiting == 0, timeout, poll=0.02)
 
     async def wait_for(self, kind: type, timeout: float = 20.0, **fields: Any) -> Any:
         """The first event of `kind` whose fields match, waiting for it to come."""

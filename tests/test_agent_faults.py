@@ -39,6 +39,7 @@ from voxflow.agent.replay import replay
 from voxflow.agent.vad import InvalidAudio
 from voxflow.config import AgentConfig
 from voxflow.errors import InvalidRequest, UnknownVoice
+from waiting import until
 
 LIGHTS = "please turn on the kitchen lights"
 TIME = "what time is it"
@@ -345,8 +346,8 @@ async def test_after_a_barge_in_the_llm_sees_only_the_spoken_words(engine, doubl
     async with AgentDriver(engine, CONFIG, llm=model, recognizer=recognizer) as drive:
         await drive.feed(turns[LIGHTS])
         started = await drive.wait_for(BotStarted, timeout=15)
-        while drive.agent.clock.now() < started.t + 1.5:  # a second and a half into the reply
-            await asyncio.sleep(0.02)
+        # A second and a half into the reply.
+        await until(lambda: drive.agent.clock.now() >= started.t + 1.5, 15, poll=0.02)
         double.script = ChatScript(["Okay."])
         await drive.feed(turns[TIME])
         await drive.settle()

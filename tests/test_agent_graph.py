@@ -12,6 +12,7 @@ from voxflow.agent.events import AgentError
 from voxflow.agent.frames import Interruption
 from voxflow.agent.graph import INBOX_FRAMES, Clock, Graph, Node
 from voxflow.errors import VoxflowError
+from waiting import until
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,7 @@ async def test_frames_flow_through_in_order() -> None:
         frames = [Item(1, n) for n in range(3 * INBOX_FRAMES)]  # more than one inbox holds
         for frame in frames:
             await graph.put(frame)
-        async with asyncio.timeout(10):
-            while len(sink.got) < len(frames):
-                await asyncio.sleep(0.005)
+        await until(lambda: len(sink.got) >= len(frames), 10)
         assert sink.got == frames
         assert first.finished == frames and second.finished == frames
         assert events == []
@@ -149,10 +148,8 @@ async def test_a_full_inbox_makes_the_producer_wait() -> None:
         await settle()
         assert not pending.done()  # still waiting: nothing moved
         gate.set()
-        async with asyncio.timeout(10):
-            await pending
-            while len(sink.got) < accepted + 1:
-                await asyncio.sleep(0.005)
+        await asyncio.wait_for(pending, 10)
+        await until(lambda: len(sink.got) >= accepted + 1, 10)
         assert [f.n for f in sink.got] == list(range(accepted + 1))
     finally:
         await graph.aclose()
@@ -194,9 +191,7 @@ async def test_interrupt_overtakes_data_on_the_reply_side_only() -> None:
 
         reply_gate.set()
         hearing_gate.set()
-        async with asyncio.timeout(10):
-            while len(hearing.finished) < 6 or len(output.got) < 1 + 6:
-                await asyncio.sleep(0.005)
+        await until(lambda: len(hearing.finished) >= 6 and len(output.got) >= 1 + 6, 10)
         await settle()
         # Frame 0 was cancelled mid-process and never resumed; 1..5 were dropped.
         assert [f.n for f in reply.finished if f.turn == 1] == []
@@ -219,9 +214,7 @@ async def test_interrupt_with_nothing_in_flight_leaves_the_graph_working() -> No
         assert len(reply.interrupts) == 2
         for n in range(3):
             await graph.put(Item(3, n))
-        async with asyncio.timeout(10):
-            while len(output.got) < 3:
-                await asyncio.sleep(0.005)
+        await until(lambda: len(output.got) >= 3, 10)
         assert [f.n for f in output.got] == [0, 1, 2]
         # Exactly one task per node: the replaced ones are gone.
         await settle()
@@ -236,9 +229,7 @@ async def test_a_failing_frame_reports_an_error_and_the_next_frames_go_on(caplog
     try:
         for n in (0, 1, 3, 2, 4):
             await graph.put(Item(7, n))
-        async with asyncio.timeout(10):
-            while len(sink.got) < 3:
-                await asyncio.sleep(0.005)
+        await until(lambda: len(sink.got) >= 3, 10)
         await settle()
         assert [f.n for f in sink.got] == [0, 3, 4]
         assert [type(e) for e in events] == [AgentError, AgentError]
@@ -251,9 +242,7 @@ async def test_a_failing_frame_reports_an_error_and_the_next_frames_go_on(caplog
         assert any("faulty failed" in r.getMessage() for r in caplog.records)  # logged for the operator
         # A frame with no turn gives an error with turn None.
         await graph.put(Item(None, 1))  # type: ignore[arg-type]
-        async with asyncio.timeout(10):
-            while len(events) < 3:
-                await asyncio.sleep(0.005)
+        await until(lambda: len(events) >= 3, 10)
         assert events[2].turn is None and events[2].code == "toy_failure"
     finally:
         await graph.aclose()

@@ -30,6 +30,7 @@ from voxflow.streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from voxflow.streaming.stream import StreamOptions
 from voxflow.transports.core.contexts import ContextRequest, ContextSet
 from voxflow.voices.styles import Style
+from waiting import until
 
 FRAME_SAMPLES = 4  # tiny frames keep the storage tests fast
 
@@ -305,9 +306,7 @@ class Listener:
 
     async def started(self, word: str, since: int) -> None:
         """Wait until the stream speaks `word` (an event after the first `since`)."""
-        async with asyncio.timeout(60):
-            while not any(isinstance(e, WordTimestamp) and e.word.startswith(word) for e in self.events[since:]):
-                await asyncio.sleep(0.005)
+        await until(lambda: any(isinstance(e, WordTimestamp) and e.word.startswith(word) for e in self.events[since:]), 60)
 
 
 def frames_of(events) -> list[AudioFrame]:

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from conversation_audio import compose, to_pcm16
 from server_harness import RunningServer, run_server, shrink_server_send_buffers, small_buffer_socket
 from speech import transcribe, word_error_rate
+import waiting
 from test_native_ws import closed_with, greeted, open_socket, receive, wait_for
 from voxflow.agent.asr import RecognitionError
 from voxflow.agent.events import BotStarted, BotStopped, ReplyEvent, SpeechStarted, SpeechStopped, TranscriptEvent, TurnMetrics
@@ -84,9 +85,7 @@ class Talker:
         await stream(self.ws, pcm)
 
     async def until(self, found: Callable[[list], object], seconds: float = 60) -> None:
-        async with asyncio.timeout(seconds):  # a hang, not a timing target
-            while not found(self.messages):
-                await asyncio.sleep(0.02)
+        await waiting.until(lambda: found(self.messages), seconds, poll=0.02)  # a hang, not a timing target
 
     def events(self, kind: type | None = None) -> list:
         events = [m.event for m in self.messages if isinstance(m, AgentMessage)]

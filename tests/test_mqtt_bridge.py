@@ -31,6 +31,7 @@ from voxflow.streaming.engine import Engine
 from voxflow.transports.app import ServerState
 from voxflow.transports.mqtt_bridge import MqttBridge
 from voxflow.transports.protocols.mqtt_protocol import MAX_MESSAGE_MS, AudioMessage, unpack_audio
+from waiting import until
 
 TIMEOUT = 60.0
 
@@ -447,9 +448,7 @@ class Local:
         return not self.bridge._devices and not self.state.context_sets and self.state.admission.counts()["mqtt"] == 0
 
     async def wait_idle(self) -> None:
-        async with asyncio.timeout(TIMEOUT):
-            while not self.idle():
-                await asyncio.sleep(0.01)
+        await until(self.idle, TIMEOUT, poll=0.01)
 
 
 @contextlib.asynccontextmanager
@@ -598,9 +597,7 @@ async def test_requests_in_flight_end_when_the_broker_restarts(engine: Engine) -
         async with _local_bridge(engine, broker) as local:
             async with _client(broker) as client:
                 await client.publish(f"{local.prefix}/porch/stream/start", json.dumps({"id": "open"}), qos=1)
-                async with asyncio.timeout(TIMEOUT):
-                    while not local.bridge._devices:
-                        await asyncio.sleep(0.01)
+                await until(lambda: local.bridge._devices, TIMEOUT, poll=0.01)
             await asyncio.to_thread(broker.restart)
             await local.wait_idle()  # the request ended with the connection and gave its place back
             async with asyncio.timeout(TIMEOUT):
@@ -620,8 +617,6 @@ async def test_shutdown_gives_back_every_place(engine: Engine, mosquitto: Broker
     async with _local_bridge(engine, mosquitto) as local, _client(mosquitto) as client:
         await client.publish(f"{local.prefix}/porch/stream/start", json.dumps({"id": "open"}), qos=1)
         await client.publish(f"{local.prefix}/hall/stream/start", json.dumps({"id": "open"}), qos=1)
-        async with asyncio.timeout(TIMEOUT):
-            while local.state.admission.counts()["mqtt"] < 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: local.state.admission.counts()["mqtt"] >= 2, TIMEOUT, poll=0.01)
         assert len(local.state.context_sets) == 2
     assert local.idle()

@@ -17,6 +17,7 @@ from voxflow.streaming.decoder_blocks import BlockDecoder, BlockOptions
 from voxflow.streaming.events import AudioFrame, StreamEnd, WordTimestamp
 from voxflow.streaming.stream import StreamOptions
 from voxflow.voices.styles import Style
+from waiting import until
 
 NOISE_OFF = Style(expressiveness=0.0)
 
@@ -111,9 +112,7 @@ async def test_a_pause_in_the_text_continues_the_sentence(engine, monkeypatch):
     listener = Listener(stream)
     await stream.push("Well, I think that we should")
     # The text stalls: everything so far is said, including the words held for lookahead.
-    async with asyncio.timeout(60):
-        while not any(isinstance(e, WordTimestamp) and e.word == "should" for e in listener.events):
-            await asyncio.sleep(0.01)
+    await until(lambda: any(isinstance(e, WordTimestamp) and e.word == "should" for e in listener.events), 60, poll=0.01)
     await asyncio.sleep(0.5)  # the last frames of the paused part are out
     before_pause = len(listener.events)
     context_kept = list(stream._acoustic.context)

@@ -3,10 +3,8 @@ at run time spoken from the native WebSocket and the OpenAI endpoint."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +19,7 @@ from voxflow.config import EngineConfig
 from voxflow.streaming.engine import Engine
 from voxflow.transports.protocols.native_protocol import AudioPacket, Cancel, Cancelled, Error, Start, Started, Text
 from voxflow.voices.registry import DEFAULT_VOICE
+from waiting import until
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 OPENAI_RATE = 24_000
@@ -199,9 +198,7 @@ async def test_a_voice_that_finds_no_room_is_a_503_before_any_audio(voice_dir: P
                 openai_error(refused, 503, "limit_exceeded")
                 await send(ws, Cancel("held"))
                 await read_until(ws, lambda e: isinstance(e, Cancelled))
-            deadline = time.monotonic() + 10
-            while listed(full)[DEFAULT_VOICE]["in_use"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await until(lambda: not listed(full)[DEFAULT_VOICE]["in_use"], 10, poll=0.05)
             assert openai_seconds(full, "test_voice-b") > 1
             assert {n for n, v in listed(full).items() if v["loaded"]} == {"test_voice-b"}
     finally:
@@ -253,8 +250,7 @@ async def test_removal_spares_the_embedded_voice_and_voices_in_use(srv: RunningS
         openai_error(delete("test_voice-b"), 409, "voice_in_use")
         await send(ws, Cancel("long"))
         await read_until(ws, lambda e: isinstance(e, Cancelled))
-    deadline = time.monotonic() + 10
-    while listed(srv)["test_voice-b"]["in_use"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the stream's task ends just after its last event
+    # The stream's task ends just after its last event.
+    await until(lambda: not listed(srv)["test_voice-b"]["in_use"], 10, poll=0.05)
     r = delete("test_voice-b")
     assert r.status_code == 200, r.text
